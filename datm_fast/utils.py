@@ -1,0 +1,64 @@
+"""Small shared helpers: atomic file writes and the cache directory.
+
+Everything that datm_fast writes to disk goes through :func:`atomic_write`, so a run killed at any
+moment leaves either the old file or the new one, never a truncated file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_write", "default_cache_dir"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left untouched.
+
+    Example::
+
+        with atomic_write("out.npy") as f:
+            np.save(f, array)
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    # Make the rename itself durable: fsync the directory entry (not possible on every platform).
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def default_cache_dir() -> Path:
+    """Where decoded datasets and fitted transforms are cached.
+
+    ``$DATM_FAST_CACHE`` if set, else ``$XDG_CACHE_HOME/datm_fast``, else ``~/.cache/datm_fast``.
+    Read at call time, never at import.
+    """
+    env = os.environ.get("DATM_FAST_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "datm_fast"
