@@ -1,0 +1,68 @@
+"""Atomic writes and image grids."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datm_fast.utils import atomic_write, default_cache_dir
+from datm_fast.viz import image_grid, save_image_grid
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    target = tmp_path / "sub" / "file.bin"
+    with atomic_write(target) as f:
+        f.write(b"first")
+    assert target.read_bytes() == b"first"
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_write(target) as f:
+            f.write(b"half-written")
+            raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"first", "a failed write must leave the old file untouched"
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"], "no temporary file may be left behind"
+
+
+def test_atomic_write_rejects_append_mode(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_write(tmp_path / "x", mode="ab"):
+            pass
+
+
+def test_default_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("DATM_FAST_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("DATM_FAST_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "datm_fast"
+
+
+def test_image_grid_places_each_image(tmp_path):
+    images = torch.zeros(5, 3, 4, 6)
+    for i in range(5):
+        images[i, i % 3] = 1.0  # image i is pure red, green or blue
+    grid = image_grid(images, nrow=3, padding=1)
+    assert grid.shape == (2 * (4 + 1) + 1, 3 * (6 + 1) + 1, 3) and grid.dtype == np.uint8
+    for i in range(5):
+        r, c = divmod(i, 3)
+        pixel = grid[1 + r * 5 + 2, 1 + c * 7 + 3]
+        expected = np.zeros(3, np.uint8)
+        expected[i % 3] = 255
+        np.testing.assert_array_equal(pixel, expected)
+    np.testing.assert_array_equal(grid[0, 0], [255, 255, 255])  # padding is white
+    np.testing.assert_array_equal(grid[6, 15], [255, 255, 255])  # the empty sixth cell is white too
+
+    path = save_image_grid(images, tmp_path / "grid.png", nrow=3, padding=1, scale=2)
+    with Image.open(path) as img:
+        assert img.size == (3 * (12 + 1) + 1, 2 * (8 + 1) + 1)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_image_grid_clips_and_handles_grey():
+    grid = image_grid(torch.tensor([[[[2.0, -1.0]]]]), nrow=1, padding=0)
+    np.testing.assert_array_equal(grid[0], [[255, 255, 255], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"\(N, 1 or 3, H, W\)"):
+        image_grid(torch.zeros(2, 2, 4, 4), nrow=1)
