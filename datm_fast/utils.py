@@ -31,6 +31,11 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file 0600; give it the permissions an ordinary open() would (0666 & ~umask)
+    # so that a cache or a run directory can be shared between users.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_name, 0o666 & ~umask)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

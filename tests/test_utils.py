@@ -26,6 +26,16 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["file.bin"], "no temporary file may be left behind"
 
 
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "f") as f:
+            f.write(b"x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+
+
 def test_atomic_write_rejects_append_mode(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic_write(tmp_path / "x", mode="ab"):

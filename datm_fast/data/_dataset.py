@@ -1,0 +1,144 @@
+"""The in-memory dataset type shared by every loader, and the one error type they raise."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["DatasetError", "ImageDataset", "from_uint8"]
+
+
+class DatasetError(ValueError):
+    """A dataset file or folder is missing, malformed or inconsistent.
+
+    The message always names the offending file (or folder) and says what was expected, e.g.
+    ``/data/x.npz: y_train has 999 labels but x_train has 1000 images``.
+    """
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ImageDataset:
+    """An image-classification dataset held in memory as float tensors.
+
+    Attributes:
+        name: short name (``"cifar10"``, ``"mnist"``, the file or folder stem for other sources).
+        train_images: ``(N, C, H, W)`` float32. In ``[0, 1]`` as loaded; in the transformed space after
+            :func:`datm_fast.data.preprocess` (see ``preprocessing``).
+        train_labels: ``(N,)`` int64 in ``[0, num_classes)``.
+        test_images: ``(M, C, H, W)`` float32, same space as ``train_images``.
+        test_labels: ``(M,)`` int64.
+        classes: ``num_classes`` human-readable class names; label ``k`` is ``classes[k]``.
+        val_images, val_labels: an optional third split (MedMNIST ships one). It is never merged into
+            train or test silently; use :meth:`with_val_merged` to train on train + val.
+        fingerprint: identifies the source bytes and every derivation applied (long-tail subsampling,
+            preprocessing). Used as a cache key for fitted transforms; ``None`` disables that cache.
+        preprocessing: ``"none"`` for raw pixels, else the preprocess that produced these tensors.
+
+    Constructing one checks shapes, dtypes and label ranges and raises :class:`DatasetError`.
+    Tensors are not copied; treat them as read-only (the dataclass is frozen, the tensors are not).
+    """
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    val_images: torch.Tensor | None = None
+    val_labels: torch.Tensor | None = None
+    fingerprint: str | None = None
+    preprocessing: str = "none"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.classes, tuple):
+            object.__setattr__(self, "classes", tuple(self.classes))
+        if len(self.classes) < 1:
+            raise DatasetError(f"dataset {self.name!r}: no classes")
+        splits = [("train", self.train_images, self.train_labels), ("test", self.test_images, self.test_labels)]
+        if (self.val_images is None) != (self.val_labels is None):
+            raise DatasetError(f"dataset {self.name!r}: val_images and val_labels must be given together")
+        if self.val_images is not None:
+            splits.append(("val", self.val_images, self.val_labels))
+        shape = None
+        for split, images, labels in splits:
+            if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+                raise DatasetError(
+                    f"dataset {self.name!r}: {split}_images must be a floating (N, C, H, W) tensor, got "
+                    f"{type(images).__name__} {tuple(getattr(images, 'shape', ()))}"
+                )
+            if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.dtype != torch.int64:
+                raise DatasetError(f"dataset {self.name!r}: {split}_labels must be an int64 (N,) tensor")
+            if labels.shape[0] != images.shape[0]:
+                raise DatasetError(
+                    f"dataset {self.name!r}: {labels.shape[0]} {split} labels for {images.shape[0]} {split} images"
+                )
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classes)):
+                raise DatasetError(
+                    f"dataset {self.name!r}: {split} labels span [{int(labels.min())}, {int(labels.max())}], "
+                    f"expected [0, {len(self.classes) - 1}] for {len(self.classes)} classes"
+                )
+            if shape is None:
+                shape = tuple(images.shape[1:])
+            elif tuple(images.shape[1:]) != shape:
+                raise DatasetError(
+                    f"dataset {self.name!r}: {split} images are {tuple(images.shape[1:])}, train images {shape}"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes, ``len(classes)``."""
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        """Image channels C (1 for grey, 3 for RGB)."""
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return int(self.train_images.shape[2]), int(self.train_images.shape[3])
+
+    def class_counts(self, split: str = "train") -> torch.Tensor:
+        """``(num_classes,)`` int64: images per class in ``split`` (``"train"``, ``"test"`` or ``"val"``)."""
+        labels = {"train": self.train_labels, "test": self.test_labels, "val": self.val_labels}[split]
+        if labels is None:
+            raise DatasetError(f"dataset {self.name!r} has no {split} split")
+        return torch.bincount(labels, minlength=self.num_classes)
+
+    def replace(self, **changes: object) -> ImageDataset:
+        """A copy with some fields replaced (``dataclasses.replace``); validation runs again."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def with_val_merged(self) -> ImageDataset:
+        """Train on train + val (val appended after train), the usual final-run policy for MedMNIST.
+
+        The test split stays the official test split; ``val_*`` become ``None``.
+        Returns ``self`` when there is no val split.
+        """
+        if self.val_images is None or self.val_labels is None:
+            return self
+        return self.replace(
+            train_images=torch.cat([self.train_images, self.val_images]),
+            train_labels=torch.cat([self.train_labels, self.val_labels]),
+            val_images=None,
+            val_labels=None,
+            fingerprint=None if self.fingerprint is None else f"{self.fingerprint}+valmerged",
+        )
+
+    def __repr__(self) -> str:
+        # The default dataclass repr would print every pixel.
+        c, (h, w) = self.channels, self.image_size
+        val = "" if self.val_labels is None else f", val={self.val_labels.shape[0]}"
+        return (
+            f"ImageDataset(name={self.name!r}, train={self.train_labels.shape[0]}, test={self.test_labels.shape[0]}"
+            f"{val}, image=({c}, {h}, {w}), classes={self.num_classes}, preprocessing={self.preprocessing!r})"
+        )
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """``(N, C, H, W)`` uint8 array -> float32 tensor in ``[0, 1]`` (a new tensor; the array is not kept)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
