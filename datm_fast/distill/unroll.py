@@ -1,0 +1,411 @@
+"""The unrolled inner loop of DATM and its three gradient engines.
+
+DATM's outer loss for one iteration is
+
+    L = ||theta_N - theta*||^2 / ||theta_0 - theta*||^2,
+    theta_{i+1} = theta_i - lr * grad_theta l(theta_i; A_i(X[B_i]), Y[B_i]),
+
+where ``l`` is the soft cross-entropy of the ConvNet's logits against ``softmax(Y)`` (mean over the
+step's batch), ``A_i`` the step's DSA augmentation and ``B_i`` its minibatch. The gradient of ``L``
+with respect to the synthetic images ``X``, the label logits ``Y`` and the learned ``lr`` is what
+the outer optimiser needs. Three engines compute it:
+
+``full``
+    Autograd through the whole unroll (``create_graph=True`` at every step), as upstream DATM does.
+    The reference. Its memory grows with ``syn_steps x batch_syn``: every step's activations, and
+    the graph of their gradient, stay alive until ``backward``.
+``exact``
+    The same gradient, to floating-point tolerance, with memory that grows with neither: the forward
+    pass keeps only ``theta_i`` of every step (``syn_steps x P`` floats; the minibatch indices and DSA
+    draws of the step are in the :class:`UnrollPlan`), and the reverse pass recomputes step ``i`` and
+    carries the adjoint ``lam_{i+1} = dL/dtheta_{i+1}`` back through it with one double-backward per
+    micro-batch::
+
+        g      = grad_theta l(theta_i, X_b, Y_b)                    (create_graph)
+        dot    = <g, lam_{i+1}>
+        H lam, d dot/dX_b, d dot/dY_b = grad(dot, (theta_i, X_b, Y_b))
+        lam_i  = lam_{i+1} - lr * H lam
+        dL/dX_b += -lr * d dot/dX_b,   dL/dY_b += -lr * d dot/dY_b,   dL/dlr += -dot
+
+    A step's batch is split into micro-batches (samples are independent under instance norm, so the
+    gradient is a sum over micro-batches); only one micro-batch's graph lives at a time. With batch
+    norm, whose statistics span the batch, the micro-batch is the whole batch.
+    Given a ``memory_budget`` that the full graph fits in, ``exact`` runs the ``full`` engine (same
+    gradient, faster at small IPC).
+``tesla``
+    The approximation of upstream's ``DATM_tesla.py`` (Cui et al., TESLA, ICML 2023): every step's
+    gradient is treated as independent of the earlier steps, so the adjoint stays ``lam_N`` and no
+    Hessian-vector product is taken. **Not the exact gradient**: it drops every dependence of
+    ``theta_i`` on earlier batches. For comparison only.
+
+All three consume the same :class:`UnrollPlan`, so given one plan they differentiate the very same
+function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
+from ..backends import Backend
+from ..models import ConvNetSpec, convnet_forward
+from ..ops import matching_loss
+
+__all__ = [
+    "Unroll",
+    "StepPlan",
+    "UnrollPlan",
+    "make_unroll_plan",
+    "soft_cross_entropy",
+    "trajectory_matching_loss",
+    "estimate_full_unroll_bytes",
+]
+
+Unroll = Literal["exact", "full", "tesla"]
+UNROLLS: tuple[str, ...] = ("exact", "full", "tesla")
+
+
+# ----- the plan: every random choice of one unroll, drawn before any arithmetic -------------------------
+@dataclass(frozen=True)
+class StepPlan:
+    """What one inner step reads: which synthetic images, and the DSA draws to apply to them."""
+
+    indices: Tensor  # (B,) int64 indices into the synthetic set
+    augment: DSAParams | None  # DSA params for exactly these B images, or None without DSA
+
+
+@dataclass(frozen=True)
+class UnrollPlan:
+    """The minibatches and augmentations of ``syn_steps`` inner steps.
+
+    Drawing them up front makes every engine differentiate the same function and lets the exact
+    engine replay step ``i`` bit for bit in its reverse pass.
+    """
+
+    steps: tuple[StepPlan, ...]
+    num_images: int
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def make_unroll_plan(
+    num_images: int,
+    syn_steps: int,
+    batch_syn: int,
+    *,
+    image_size: tuple[int, int],
+    augment: DSAConfig | None,
+    generator: torch.Generator,
+    host_generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> UnrollPlan:
+    """Draw the minibatches and DSA params of one unroll, as upstream DATM does.
+
+    Upstream takes a fresh ``randperm`` of the synthetic set, splits it into chunks of ``batch_syn``
+    and *pops chunks from the end* (so when ``batch_syn`` does not divide the set, the short chunk is
+    used first); a new permutation is drawn when the chunks run out.
+
+    Args:
+        num_images: size of the synthetic set.
+        syn_steps: number of inner SGD steps.
+        batch_syn: minibatch size (``>= num_images`` means the whole set every step).
+        image_size: ``(H, W)`` of the images (for the DSA draws).
+        augment: DSA settings, or None for no augmentation.
+        generator: draws the permutations and the per-sample DSA values (on its device).
+        host_generator: CPU generator for the DSA op-group choice when ``generator`` is on a GPU.
+        device: where the indices and DSA tensors live (default: the generator's device).
+    """
+    if num_images < 1 or syn_steps < 1 or batch_syn < 1:
+        raise ValueError(
+            "make_unroll_plan: need num_images, syn_steps and batch_syn >= 1, got "
+            f"{num_images}, {syn_steps}, {batch_syn}"
+        )
+    device = torch.device(device) if device is not None else generator.device
+    height, width = image_size
+    chunks: list[Tensor] = []
+    steps = []
+    for _ in range(syn_steps):
+        if not chunks:
+            perm = torch.randperm(num_images, generator=generator, device=generator.device)
+            chunks = list(torch.split(perm, batch_syn))
+        indices = chunks.pop().to(device)
+        params = None
+        if augment is not None and augment.groups:
+            params = sample_dsa_params(
+                augment,
+                int(indices.numel()),
+                height,
+                width,
+                generator=generator,
+                host_generator=host_generator,
+                device=device,
+            )
+        steps.append(StepPlan(indices, params))
+    return UnrollPlan(tuple(steps), num_images)
+
+
+# ----- the inner loss ---------------------------------------------------------------------------------
+def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
+    """Summed soft cross-entropy ``sum_n sum_k -log_softmax(logits)[n, k] * softmax(label_logits)[n, k]``.
+
+    DATM's inner loss is this divided by the batch size. Returned as a sum so that micro-batches of
+    one step add up to exactly the step's loss (each divided by the full batch size).
+    """
+    return -(F.log_softmax(logits, dim=1) * F.softmax(label_logits, dim=1)).sum()
+
+
+def _step_loss(
+    spec: ConvNetSpec, params: Tensor, images: Tensor, labels: Tensor, augment: DSAParams | None, batch_size: int
+) -> Tensor:
+    x = images if augment is None else apply_dsa(images, augment)
+    return soft_cross_entropy(convnet_forward(spec, params, x), labels) / batch_size
+
+
+def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None) -> list[slice]:
+    # Batch norm normalises with statistics over the whole batch: it cannot be split.
+    if micro_batch is None or spec.norm == "batch" or micro_batch >= batch_size:
+        return [slice(0, batch_size)]
+    return [slice(s, min(s + micro_batch, batch_size)) for s in range(0, batch_size, micro_batch)]
+
+
+# ----- memory estimate for the budget switch ------------------------------------------------------------
+def estimate_full_unroll_bytes(spec: ConvNetSpec, batch_syn: int, syn_steps: int, dtype: torch.dtype) -> int:
+    """A conservative estimate of the memory the ``full`` engine's graph holds at its peak.
+
+    Per sample and step the double-differentiable graph keeps about 12 tensors the size of each
+    block's conv output (conv input/output, norm statistics and output, activation, pooling, and the
+    same again for the create_graph backward); measured on CPU for ConvNet-3 width 128 at 32 px:
+    about 0.31 GB per step at batch 100 in float32, i.e. 3.1 MB per sample-step, which this formula
+    (12 x 128 x (32*32 + 16*16 + 8*8) x 4 B = 8.3 MB) bounds from above with margin.
+    """
+    per_sample = 0
+    for layer in spec.layers:
+        c, h, w = layer.conv_shape
+        per_sample += c * h * w
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return int(12 * per_sample * itemsize * batch_syn * syn_steps + 2 * syn_steps * spec.num_params * itemsize)
+
+
+# ----- the engines ------------------------------------------------------------------------------------
+def _full_unroll(
+    spec: ConvNetSpec,
+    start: Tensor,
+    target: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    lr: Tensor,
+    plan: UnrollPlan,
+    backend: Backend,
+) -> Tensor:
+    theta = start.detach().requires_grad_(True)
+    params = theta
+    for step in plan.steps:
+        x, y = images[step.indices], labels[step.indices]
+        loss = _step_loss(spec, params, x, y, step.augment, int(step.indices.numel()))
+        (grad,) = torch.autograd.grad(loss, params, create_graph=True)
+        params = params - lr * grad
+    return matching_loss(params, start.detach(), target.detach(), backend=backend)
+
+
+def _rollout(
+    spec: ConvNetSpec,
+    start: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    lr: Tensor,
+    plan: UnrollPlan,
+    micro_batch: int | None,
+) -> tuple[Tensor, Tensor]:
+    """Forward pass without a graph: returns ``thetas`` (N, P) holding theta_0 .. theta_{N-1}, and theta_N."""
+    thetas = start.new_empty((len(plan), start.numel()))
+    theta = start.detach()
+    lr_value = lr.detach()
+    for i, step in enumerate(plan.steps):
+        thetas[i] = theta
+        batch = int(step.indices.numel())
+        grad = torch.zeros_like(theta)
+        for mb in _micro_batches(spec, batch, micro_batch):
+            idx = step.indices[mb]
+            aug = None if step.augment is None else step.augment[mb]
+            with torch.enable_grad():
+                p = theta.detach().requires_grad_(True)
+                loss = _step_loss(spec, p, images[idx], labels[idx], aug, batch)
+                (g,) = torch.autograd.grad(loss, p)
+            grad += g
+        theta = theta - lr_value * grad
+    return thetas, theta
+
+
+class _CheckpointedUnroll(torch.autograd.Function):
+    """exact and tesla: forward rolls out without a graph, backward replays each step."""
+
+    @staticmethod
+    def forward(ctx, images, labels, lr, start, target, spec, plan, micro_batch, unroll, backend):
+        images_d, labels_d, lr_d = images.detach(), labels.detach(), lr.detach()
+        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, micro_batch)
+        with torch.enable_grad():
+            final = theta_n.detach().requires_grad_(True)
+            loss = matching_loss(final, start.detach(), target.detach(), backend=backend)
+            (lam,) = torch.autograd.grad(loss, final)
+        ctx.spec, ctx.plan, ctx.micro_batch, ctx.unroll = spec, plan, micro_batch, unroll
+        ctx.save_for_backward(images_d, labels_d, lr_d, lam, thetas)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        images, labels, lr, lam, thetas = ctx.saved_tensors
+        spec, plan, micro_batch, unroll = ctx.spec, ctx.plan, ctx.micro_batch, ctx.unroll
+        need_x, need_y, need_lr = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        lam = lam * grad_loss
+        grad_images = torch.zeros_like(images)
+        grad_labels = torch.zeros_like(labels)
+        grad_lr = torch.zeros_like(lr)
+        exact = unroll == "exact"
+        for i in reversed(range(len(plan))):
+            step = plan.steps[i]
+            batch = int(step.indices.numel())
+            hvp = torch.zeros_like(lam) if exact else None
+            for mb in _micro_batches(spec, batch, micro_batch):
+                idx = step.indices[mb]
+                aug = None if step.augment is None else step.augment[mb]
+                with torch.enable_grad():
+                    theta = thetas[i].detach().requires_grad_(True)
+                    x = images[idx].requires_grad_(need_x)
+                    y = labels[idx].requires_grad_(need_y)
+                    loss = _step_loss(spec, theta, x, y, aug, batch)
+                    (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+                    dot = torch.dot(g, lam)
+                    wrt = [t for t, need in ((theta, exact), (x, need_x), (y, need_y)) if need]
+                    grads = torch.autograd.grad(dot, wrt, allow_unused=True) if wrt else []
+                grads = list(grads)
+                if exact:
+                    hvp += grads.pop(0)
+                if need_x:
+                    gx = grads.pop(0)
+                    if gx is not None:
+                        grad_images.index_add_(0, idx, -lr * gx)
+                if need_y:
+                    gy = grads.pop(0)
+                    if gy is not None:
+                        grad_labels.index_add_(0, idx, -lr * gy)
+                if need_lr:
+                    grad_lr -= dot.detach()
+            if exact:
+                lam = lam - lr * hvp
+        return (
+            grad_images if need_x else None,
+            grad_labels if need_y else None,
+            grad_lr if need_lr else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def trajectory_matching_loss(
+    spec: ConvNetSpec,
+    start_params: Tensor,
+    target_params: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    lr: Tensor,
+    *,
+    syn_steps: int | None = None,
+    batch_syn: int | None = None,
+    augment: DSAConfig | None = None,
+    generator: torch.Generator | None = None,
+    host_generator: torch.Generator | None = None,
+    plan: UnrollPlan | None = None,
+    unroll: Unroll = "exact",
+    micro_batch: int | None = None,
+    memory_budget: int | None = None,
+    backend: Backend = "auto",
+) -> Tensor:
+    """DATM's matching loss of one unroll; ``loss.backward()`` fills the grads of images, labels, lr.
+
+    Args:
+        spec: the student ConvNet.
+        start_params: (P,) theta_0, the expert's checkpoint at the start epoch (no gradient).
+        target_params: (P,) theta*, the same expert ``expert_epochs`` later (no gradient).
+        images: (M, C, H, W) synthetic images (in the training space, e.g. ZCA-whitened).
+        labels: (M, K) synthetic label logits; the inner loss uses ``softmax(labels)`` as targets.
+        lr: 0-dim learned inner learning rate.
+        syn_steps, batch_syn, augment, generator, host_generator: draw the plan (see
+            :func:`make_unroll_plan`) when ``plan`` is not given.
+        plan: a pre-drawn :class:`UnrollPlan` (then the five arguments above are not needed).
+        unroll: ``"exact"`` (default), ``"full"`` (reference) or ``"tesla"`` (approximate).
+        micro_batch: split each step's batch into chunks of this many images in ``exact``/``tesla``
+            (None: no split). Bounds memory independently of ``batch_syn``; ignored with batch norm.
+        memory_budget: bytes; when :func:`estimate_full_unroll_bytes` fits in it, ``exact`` runs the
+            ``full`` engine instead (same gradient, less recomputation).
+        backend: backend of the fused distance op.
+
+    Returns:
+        The 0-dim loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
+
+    Equivalent PyTorch code (the ``full`` engine, upstream's loop)::
+
+        theta = start_params.requires_grad_()
+        for step in plan.steps:
+            x = dsa(images[step.indices]); y = labels[step.indices]
+            loss = -(log_softmax(net(theta, x)) * softmax(y)).sum() / len(x)
+            theta = theta - lr * grad(loss, theta, create_graph=True)
+        loss = ((theta - target) ** 2).sum() / ((start_params - target) ** 2).sum()
+    """
+    if unroll not in UNROLLS:
+        raise ValueError(f"trajectory_matching_loss: unroll must be one of {', '.join(UNROLLS)}, got {unroll!r}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != spec.input_shape:
+        raise ValueError(
+            f"trajectory_matching_loss: images must be (M, {', '.join(map(str, spec.input_shape))}), "
+            f"got {tuple(images.shape)}"
+        )
+    if labels.dim() != 2 or labels.shape != (images.shape[0], spec.num_classes):
+        raise ValueError(
+            f"trajectory_matching_loss: labels must be logits of shape ({images.shape[0]}, {spec.num_classes}), "
+            f"got {tuple(labels.shape)}"
+        )
+    if lr.dim() != 0:
+        raise ValueError(f"trajectory_matching_loss: lr must be a 0-dim tensor, got shape {tuple(lr.shape)}")
+    for name, p in (("start_params", start_params), ("target_params", target_params)):
+        if p.shape != (spec.num_params,):
+            raise ValueError(
+                f"trajectory_matching_loss: {name} must have shape ({spec.num_params},) for {spec}, "
+                f"got {tuple(p.shape)}"
+            )
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"trajectory_matching_loss: micro_batch must be >= 1, got {micro_batch}")
+    if plan is None:
+        if syn_steps is None or batch_syn is None or generator is None:
+            raise ValueError("trajectory_matching_loss: give either plan, or syn_steps, batch_syn and generator")
+        plan = make_unroll_plan(
+            images.shape[0],
+            syn_steps,
+            batch_syn,
+            image_size=spec.image_size,
+            augment=augment,
+            generator=generator,
+            host_generator=host_generator,
+            device=images.device,
+        )
+    elif plan.num_images != images.shape[0]:
+        raise ValueError(f"trajectory_matching_loss: plan is for {plan.num_images} images, got {images.shape[0]}")
+
+    if unroll == "exact" and memory_budget is not None:
+        batch = max(int(s.indices.numel()) for s in plan.steps)
+        if estimate_full_unroll_bytes(spec, batch, len(plan), images.dtype) <= memory_budget:
+            unroll = "full"
+    if unroll == "full":
+        return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, backend)
+    return _CheckpointedUnroll.apply(
+        images, labels, lr, start_params, target_params, spec, plan, micro_batch, unroll, backend
+    )
