@@ -4,6 +4,8 @@ Subcommands (each a function ``_cmd_<name>`` registered in :func:`build_parser`)
     info    versions and which backends are live, and why one is not
     data    load (decode once, cache) a dataset, optionally long-tailed and preprocessed, print a
             summary and write an image grid
+    bench   seconds per distillation iteration and peak memory of the unroll engines at the shapes
+            of the paper's configs, with upstream's figures beside ours
 """
 
 from __future__ import annotations
@@ -72,6 +74,61 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .bench import SHAPES, UPSTREAM, check_exact, environment, run_bench, run_bench_isolated
+    from .utils import atomic_write
+
+    names = list(SHAPES) if args.configs == "all" else [c.strip() for c in args.configs.split(",")]
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown bench config(s) {', '.join(unknown)}; expected some of: {', '.join(SHAPES)}")
+    engines = [e.strip() for e in args.engines.split(",")]
+    bad = [e for e in engines if e not in ("full", "exact", "tesla")]
+    if bad:
+        raise ValueError(f"unknown engine(s) {', '.join(bad)}; expected some of: full, exact, tesla")
+    device = torch.device(args.device)
+    env = environment()
+    print("  ".join(f"{k} {v}" for k, v in env.items()))
+    upstream = UPSTREAM["h100" if device.type == "cuda" else "cpu"]
+    rows = []
+    checks = {}
+    for name in names:
+        shape = SHAPES[name].scaled(args.steps_scale)
+        if args.check and name == "cifar10-ipc1":
+            checks[name] = check_exact(shape, device=device, micro_batch=args.micro_batch)
+            worst = max(v for k, v in checks[name].items())
+            status = "passes" if worst < 1e-4 else "FAILS"
+            print(f"check exact vs full at {name}: max relative difference {worst:.1e} ({status}, tolerance 1e-4)")
+            if worst >= 1e-4:
+                return 1
+        for engine in engines:
+            kwargs = dict(
+                device=str(device), iterations=args.iterations, warmup=args.warmup, micro_batch=args.micro_batch
+            )
+            run = run_bench_isolated if args.isolate else run_bench
+            r = run(shape, engine, **kwargs)
+            rows.append(r)
+            ref = upstream.get(name, {}).get(engine, "n/a")
+            ref_text = (
+                "n/a" if ref == "n/a" else ("out of memory" if ref is None else f"{ref[0]:.2f} s, {ref[1]:.2f} GB")
+            )
+            ours = r.error or f"{r.mean:.2f} ± {r.std:.2f} s, peak {r.peak_gb:.2f} GB"
+            print(f"{name:<16} {shape.batch_syn:>5} x {shape.syn_steps:<4} {engine:<6} {ours:<36} upstream {ref_text}")
+    full = {r.shape: r.mean for r in rows if r.engine == "full" and not r.error}
+    for r in rows:
+        if r.engine != "full" and r.shape in full and not r.error:
+            print(f"speed-up of {r.engine} over full at {r.shape}: {full[r.shape] / r.mean:.2f}x")
+    if args.json is not None:
+        with atomic_write(args.json, "w") as f:
+            json.dump({"environment": env, "results": [r.to_dict() for r in rows], "checks": checks}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="datm-fast", description="Dataset distillation by difficulty-aligned trajectory matching."
@@ -91,7 +148,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", type=Path, default=None, help="write a PNG grid of train images here")
     p.add_argument("--grid-per-class", type=int, default=10)
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("bench", help="time the unroll engines at the paper's config shapes")
+    p.add_argument("--configs", default="cifar10-ipc1,cifar10-ipc10", help="comma-separated names, or 'all'")
+    p.add_argument("--engines", default="full,exact,tesla")
+    p.add_argument("--device", default="cuda" if _cuda_visible() else "cpu")
+    p.add_argument("--iterations", type=int, default=2, help="timed iterations per engine")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps-scale", type=float, default=1.0, help="scale syn_steps (reduced runs), e.g. 0.1")
+    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch of exact/tesla")
+    p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all in this process")
+    p.add_argument("--no-check", dest="check", action="store_false", help="skip the exact-vs-full check")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _cuda_visible() -> bool:
+    # Counting devices does not initialise CUDA.
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

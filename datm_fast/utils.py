@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "default_cache_dir"]
+__all__ = ["atomic_write", "default_cache_dir", "peak_rss_bytes"]
 
 
 @contextlib.contextmanager
@@ -67,3 +67,25 @@ def default_cache_dir() -> Path:
     xdg = os.environ.get("XDG_CACHE_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
     return base / "datm_fast"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes.
+
+    On Linux this reads ``VmHWM`` from ``/proc/self/status``, the high-water mark of this process's
+    own address space. ``getrusage().ru_maxrss`` is not used there: Linux carries it over ``execve``
+    from the parent, so a subprocess started by a large parent would report the parent's peak.
+    Elsewhere ``ru_maxrss`` is the best available measure.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except OSError:
+        pass
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale

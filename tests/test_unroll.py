@@ -196,9 +196,10 @@ def test_bad_arguments_are_named():
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from datm_fast.distill import trajectory_matching_loss
     from datm_fast.models import ConvNetSpec, init_flat_params
+    from datm_fast.utils import peak_rss_bytes
     torch.set_num_threads(1)
     unroll, steps = sys.argv[1], int(sys.argv[2])
     spec = ConvNetSpec(3, 10, 16, width=16, depth=2)
@@ -213,10 +214,9 @@ _MEMORY_SCRIPT = textwrap.dedent(
                                         generator=torch.Generator().manual_seed(1), unroll=unroll, micro_batch=16)
         loss.backward()
     run(1)  # warm up allocator and oneDNN caches before the baseline
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_bytes()
     run(steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"growth_mb": (peak - base) / 1024}))
+    print(json.dumps({"growth_mb": (peak_rss_bytes() - base) / 2**20}))
     """
 )
 

@@ -1,0 +1,248 @@
+"""Benchmark harness of the unroll engines at the shapes of the paper's configs.
+
+Each measurement times whole distillation iterations (the unroll plus ``loss.backward()``) of one
+engine on random expert parameters and random synthetic data, so it needs no buffer. Used by
+``datm-fast bench`` and ``benchmarks/bench_unroll.py``.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU. On CPU it is the peak resident set size
+of the process, so each (shape, engine) pair runs in a fresh subprocess when ``isolate=True`` (the
+default of the command): one process's peak would otherwise hide the next one's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .augment import DSAConfig
+from .distill.unroll import trajectory_matching_loss
+from .models import ConvNetSpec, init_flat_params
+from .utils import peak_rss_bytes
+
+__all__ = ["BenchShape", "SHAPES", "UPSTREAM", "BenchResult", "run_bench", "run_bench_isolated", "check_exact"]
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """One paper config's shape: the synthetic set, the inner loop and the network."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    ipc: int
+    batch_syn: int
+    syn_steps: int
+    depth: int = 3
+
+    @property
+    def num_images(self) -> int:
+        return self.ipc * self.num_classes
+
+    def scaled(self, steps_scale: float) -> BenchShape:
+        """The same shape with ``syn_steps`` scaled (at least 1): reduced runs for slow machines."""
+        return replace(self, syn_steps=max(1, round(self.syn_steps * steps_scale)))
+
+
+SHAPES: dict[str, BenchShape] = {
+    s.name: s
+    for s in (
+        BenchShape("cifar10-ipc1", 3, 32, 10, 1, 10, 80),
+        BenchShape("cifar10-ipc10", 3, 32, 10, 10, 100, 80),
+        BenchShape("cifar10-ipc50", 3, 32, 10, 50, 500, 80),
+        BenchShape("cifar10-ipc500", 3, 32, 10, 500, 1000, 40),
+        BenchShape("cifar10-ipc1000", 3, 32, 10, 1000, 1000, 100),
+        BenchShape("cifar100-ipc50", 3, 32, 100, 50, 1000, 80),
+        BenchShape("tiny-ipc10", 3, 64, 200, 10, 500, 40, depth=4),
+        BenchShape("tiny-ipc50", 3, 64, 200, 50, 1000, 20, depth=4),
+    )
+}
+
+# Upstream DATM's own loop, seconds per iteration and peak memory (GB); None = out of memory.
+# H100: ../shared/docs/DATM.md (PyTorch 2.11). CPU: the 2-core development machine, peak RSS (issue 4).
+UPSTREAM: dict[str, dict[str, dict[str, tuple[float, float] | None]]] = {
+    "h100": {
+        "cifar10-ipc1": {"full": (1.09, 2.6), "tesla": (1.50, 0.25)},
+        "cifar10-ipc10": {"full": (1.19, 22.9), "tesla": (1.64, 1.0)},
+        "cifar10-ipc50": {"full": None, "tesla": (3.09, 5.7)},
+        "cifar10-ipc500": {"full": None, "tesla": (2.79, 10.1)},
+        "cifar10-ipc1000": {"full": None, "tesla": (6.95, 10.3)},
+        "cifar100-ipc50": {"full": None, "tesla": (5.66, 9.7)},
+        "tiny-ipc10": {"full": None, "tesla": (5.18, 20.2)},
+        "tiny-ipc50": {"full": None, "tesla": (5.02, 38.3)},
+    },
+    "cpu": {
+        "cifar10-ipc1": {"full": (6.5, 3.2), "tesla": (8.4, 0.64)},
+        "cifar10-ipc10": {"full": None, "tesla": (116.0, 1.5)},
+    },
+}
+
+
+@dataclass
+class BenchResult:
+    shape: str
+    engine: str
+    device: str
+    syn_steps: int
+    batch_syn: int
+    num_images: int
+    micro_batch: int | None
+    seconds: list[float] = field(default_factory=list)  # per timed iteration
+    peak_gb: float = 0.0  # GPU: max_memory_allocated; CPU: peak RSS of the process
+    baseline_gb: float = 0.0  # the same measure before the first iteration (data, params, libraries)
+    error: str | None = None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.seconds) if self.seconds else float("nan")
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.seconds) if len(self.seconds) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(mean_s=self.mean, std_s=self.std)
+        return d
+
+
+def _peak_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return peak_rss_bytes() / 1e9
+
+
+def _problem(shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: int):
+    spec = ConvNetSpec(shape.channels, shape.num_classes, shape.image_size, depth=shape.depth)
+    g = torch.Generator().manual_seed(seed)
+    start = init_flat_params(spec, g, dtype=dtype).to(device)
+    target = (start.cpu() + 0.01 * torch.randn(spec.num_params, generator=g, dtype=dtype)).to(device)
+    images = torch.randn(shape.num_images, shape.channels, shape.image_size, shape.image_size, generator=g, dtype=dtype)
+    labels = torch.randn(shape.num_images, shape.num_classes, generator=g, dtype=dtype)
+    lr = torch.tensor(0.01, dtype=dtype)
+    return spec, start, target, images.to(device), labels.to(device), lr.to(device)
+
+
+def _iteration(spec, problem, shape, engine, micro_batch, seed, device, backend):
+    start, target, images, labels, lr = problem
+    x, y, a = (t.detach().clone().requires_grad_() for t in (images, labels, lr))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    host = torch.Generator().manual_seed(seed)
+    loss = trajectory_matching_loss(
+        spec,
+        start,
+        target,
+        x,
+        y,
+        a,
+        syn_steps=shape.syn_steps,
+        batch_syn=shape.batch_syn,
+        augment=DSAConfig(),
+        generator=gen,
+        host_generator=host,
+        unroll=engine,
+        micro_batch=micro_batch,
+        backend=backend,
+    )
+    loss.backward()
+    return loss.detach(), x.grad, y.grad, a.grad
+
+
+def run_bench(
+    shape: BenchShape,
+    engine: str,
+    *,
+    device: str | torch.device = "cpu",
+    iterations: int = 2,
+    warmup: int = 1,
+    micro_batch: int | None = None,
+    backend: str = "auto",
+    seed: int = 0,
+) -> BenchResult:
+    """Time ``iterations`` distillation iterations of ``engine`` at ``shape`` in this process."""
+    device = torch.device(device)
+    result = BenchResult(
+        shape.name, engine, str(device), shape.syn_steps, shape.batch_syn, shape.num_images, micro_batch
+    )
+    spec, *problem = _problem(shape, device, torch.float32, seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result.baseline_gb = _peak_gb(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    try:
+        for i in range(warmup + iterations):
+            sync()
+            t0 = time.perf_counter()
+            _iteration(spec, problem, shape, engine, micro_batch, seed + i, device, backend)
+            sync()
+            if i >= warmup:
+                result.seconds.append(time.perf_counter() - t0)
+    except torch.cuda.OutOfMemoryError as exc:  # the point of the exercise for `full` at large IPC
+        result.error = f"out of memory: {str(exc).splitlines()[0]}"
+    result.peak_gb = _peak_gb(device)
+    return result
+
+
+def run_bench_isolated(shape: BenchShape, engine: str, **kwargs: Any) -> BenchResult:
+    """:func:`run_bench` in a fresh Python process, so its peak memory is its own."""
+    payload = json.dumps({"shape": asdict(shape), "engine": engine, "kwargs": kwargs})
+    code = (
+        "import json, sys; from datm_fast.bench import BenchShape, run_bench; "
+        "p = json.loads(sys.argv[1]); r = run_bench(BenchShape(**p['shape']), p['engine'], **p['kwargs']); "
+        "print('RESULT ' + json.dumps(r.to_dict()))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, env=os.environ.copy())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            d = json.loads(line[len("RESULT ") :])
+            d.pop("mean_s"), d.pop("std_s")
+            return BenchResult(**d)
+    # Killed by the OOM killer, or crashed: report it as a result rather than losing the whole table.
+    device = str(kwargs.get("device", "cpu"))
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+    return BenchResult(
+        shape.name,
+        engine,
+        device,
+        shape.syn_steps,
+        shape.batch_syn,
+        shape.num_images,
+        kwargs.get("micro_batch"),
+        error=f"process failed ({proc.returncode}): {tail[0]}",
+    )
+
+
+def check_exact(
+    shape: BenchShape, *, device: str | torch.device = "cpu", micro_batch: int | None = None, seed: int = 0
+) -> dict[str, float]:
+    """Relative differences of the ``exact`` gradients from the ``full`` ones at ``shape`` (float32)."""
+    device = torch.device(device)
+    spec, *problem = _problem(shape, device, torch.float32, seed)
+    full = _iteration(spec, problem, shape, "full", None, seed, device, "auto")
+    exact = _iteration(spec, problem, shape, "exact", micro_batch, seed, device, "auto")
+    names = ("loss", "images", "labels", "lr")
+    return {n: float((e - f).norm() / f.norm()) for n, e, f in zip(names, exact, full)}
+
+
+def environment() -> dict[str, str]:
+    """Device, date and versions, for every table of figures."""
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": str(torch.get_num_threads()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = str(torch.version.cuda)
+    return info
