@@ -87,6 +87,7 @@ setup(
     packages=find_packages(include=["datm_fast", "datm_fast.*"]) + ["datm_fast.kernels"],
     package_dir={"datm_fast.kernels": "kernels"},
     include_package_data=False,
+    package_data={"datm_fast": ["configs/*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

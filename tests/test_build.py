@@ -48,6 +48,7 @@ def test_pip_wheel_contains_compiled_extension_and_kernels(tmp_path):
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert any(n.startswith("datm_fast/_C") and n.endswith(".so") for n in names), names
     assert "datm_fast/kernels/distance.py" in names
+    assert "datm_fast/configs/cifar10-ipc10.yaml" in names, "shipped DATM configs must be in the wheel"
     assert not any(n.startswith("kernels/") for n in names), "no top-level 'kernels' package may be installed"
 
     # The unpacked wheel imports on its own (outside the source tree) and its C++ backend is live.
