@@ -1,0 +1,224 @@
+"""The DATM outer loop: seeded, resumable, skips bad updates, and lowers the matching loss on real data."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from datm_fast.data import ImageDataset
+from datm_fast.distill.config import load_config
+from datm_fast.distill.loop import EvalOutcome, derived_seed, distill, expert_for_iteration
+from datm_fast.models import convnet_forward, convnet_spec_from_name, init_flat_params
+
+
+class TensorTrajectories:
+    """Expert trajectories held in one (experts, epochs + 1, P) tensor."""
+
+    def __init__(self, params: torch.Tensor) -> None:
+        self.tensor = params
+
+    @property
+    def num_experts(self) -> int:
+        return self.tensor.shape[0]
+
+    @property
+    def num_epochs(self) -> int:
+        return self.tensor.shape[1] - 1
+
+    def params(self, expert: int, epoch: int) -> torch.Tensor:
+        return self.tensor[expert, epoch]
+
+
+def _toy_data(num_classes=3, per_class=12, px=8, seed=0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    # Class-dependent mean so that the classes are separable.
+    images = torch.rand(len(labels), 3, px, px, generator=g) * 0.5 + labels.view(-1, 1, 1, 1) / num_classes / 2
+    return ImageDataset("toy", images, labels, images[:6], labels[:6], tuple(f"c{i}" for i in range(num_classes)))
+
+
+def _random_trajectories(data: ImageDataset, model: str, experts=2, epochs=5, seed=0) -> TensorTrajectories:
+    spec = convnet_spec_from_name(model, data.channels, data.num_classes, data.image_size)
+    g = torch.Generator().manual_seed(seed)
+    out = torch.empty(experts, epochs + 1, spec.num_params)
+    for e in range(experts):
+        theta = init_flat_params(spec, g)
+        for t in range(epochs + 1):
+            out[e, t] = theta
+            theta = theta + 0.01 * torch.randn(spec.num_params, generator=g)
+    return TensorTrajectories(out)
+
+
+BASE = dict(
+    model="ConvNetW32",
+    ipc=2,
+    syn_steps=3,
+    expert_epochs=1,
+    min_start_epoch=0,
+    current_max_start_epoch=2,
+    max_start_epoch=4,
+    expansion_end_epoch=4,
+    batch_syn=4,
+    iterations=7,
+    lr_img=10.0,
+    lr_lr=1e-5,
+    lr_y=2.0,
+    lr_teacher=0.01,
+    pix_init="real",
+    eval_it=3,
+    checkpoint_every=2,
+    device="cpu",
+    zca=False,
+    threshold=10.0,
+)
+
+
+def _fake_evaluator(images, labels, lr, seed):
+    # Deterministic in its inputs, so that resumed and uninterrupted runs must agree on the best set.
+    g = torch.Generator().manual_seed(seed)
+    score = float((images.sum() * 1e-3 + torch.rand((), generator=g)) % 1.0)
+    return EvalOutcome((score, score / 2))
+
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    config = load_config(BASE)
+    full = distill(data, experts, config, evaluator=_fake_evaluator, run_dir=tmp_path / "a", progress=False)
+
+    # Stopped after 3 iterations (graceful), then resumed.
+    distill(data, experts, config, evaluator=_fake_evaluator, run_dir=tmp_path / "b", progress=False, max_iterations=3)
+    resumed = distill(
+        data, experts, config, evaluator=_fake_evaluator, run_dir=tmp_path / "b", progress=False, resume=True
+    )
+
+    # Killed at iteration 5 (an exception mid-run); the checkpoint at iteration 4 is the restart point.
+    def crash(row):
+        if row["iteration"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(
+            data, experts, config, evaluator=_fake_evaluator, run_dir=tmp_path / "c", progress=False, callback=crash
+        )
+    killed = distill(
+        data, experts, config, evaluator=_fake_evaluator, run_dir=tmp_path / "c", progress=False, resume=True
+    )
+
+    for other in (resumed, killed):
+        assert torch.equal(other.images, full.images)
+        assert torch.equal(other.labels, full.labels)
+        assert other.lr == full.lr and other.iteration == full.iteration
+        assert other.best_accuracy == full.best_accuracy
+    for name in ("images_best.pt", "labels_best.pt", "lr_best.pt"):
+        a = torch.load(tmp_path / "a" / name, weights_only=True)
+        for d in ("b", "c"):
+            assert torch.equal(a, torch.load(tmp_path / d / name, weights_only=True)), (d, name)
+    # metrics.jsonl: one row per iteration, no duplicates after the resume.
+    for d in ("a", "b", "c"):
+        rows = [json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == list(range(config.iterations + 1)), d
+    assert (tmp_path / "a" / "images_best.png").exists() and (tmp_path / "a" / "config.yaml").exists()
+    assert load_config(tmp_path / "a" / "config.yaml") == config
+
+
+def test_same_seed_same_run_and_different_seed_differs():
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    config = load_config(BASE, iterations=3)
+    a = distill(data, experts, config, progress=False)
+    b = distill(data, experts, config, progress=False)
+    c = distill(data, experts, config.replace(seed=1), progress=False)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_schedule_draws():
+    # Every expert once per pass, in a fresh order each pass.
+    orders = [[expert_for_iteration(0, p * 5 + i, 5) for i in range(5)] for p in range(4)]
+    assert all(sorted(o) == list(range(5)) for o in orders)
+    assert len({tuple(o) for o in orders}) > 1
+    assert derived_seed(0, "x", 1) != derived_seed(0, "x", 2) != derived_seed(1, "x", 1)
+
+
+def test_threshold_and_nonfinite_losses_skip_the_update():
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    # A threshold no loss is under: every update is skipped and the set stays as initialised.
+    config = load_config(BASE, iterations=2, threshold=1e-9)
+    init = distill(data, experts, config.replace(iterations=0), progress=False)
+    result = distill(data, experts, config, progress=False)
+    assert all(row["skipped"] for row in result.history)
+    assert torch.equal(result.images, init.images)
+
+    # A NaN in the buffer: reported with the iteration, skipped, never written into the set.
+    broken = TensorTrajectories(experts.tensor.clone())
+    broken.tensor[:, :, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = distill(data, broken, load_config(BASE, iterations=2), progress=False)
+    assert any("iteration 0: non-finite loss" in str(w.message) for w in caught)
+    assert all(row["nonfinite"] and row["skipped"] for row in result.history)
+    assert torch.isfinite(result.images).all() and torch.equal(result.images, init.images)
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path):
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32", epochs=3)
+    with pytest.raises(ValueError, match="max_start_epoch"):
+        distill(data, experts, load_config(BASE), progress=False)  # 4 + 1 > 3 epochs
+    with pytest.raises(ValueError, match="ipc"):
+        distill(data, _random_trajectories(data, "ConvNetW32"), load_config(BASE, ipc=13), progress=False)
+    with pytest.raises(ValueError, match="resume"):
+        distill(data, _random_trajectories(data, "ConvNetW32"), load_config(BASE), run_dir=tmp_path, resume=True)
+
+
+def _train_expert(spec, images, labels, epochs, seed):
+    """A plain SGD expert (lr 0.01, batch 32): its per-epoch parameters."""
+    g = torch.Generator().manual_seed(seed)
+    theta = init_flat_params(spec, g).requires_grad_(True)
+    out = [theta.detach().clone()]
+    for _ in range(epochs):
+        perm = torch.randperm(len(images), generator=g)
+        for i in range(0, len(images), 32):
+            idx = perm[i : i + 32]
+            loss = torch.nn.functional.cross_entropy(convnet_forward(spec, theta, images[idx]), labels[idx])
+            (grad,) = torch.autograd.grad(loss, theta)
+            with torch.no_grad():
+                theta -= 0.05 * grad
+        out.append(theta.detach().clone())
+    return torch.stack(out)
+
+
+@pytest.mark.slow
+def test_matching_loss_falls_on_real_mnist(shared_data, session_cache_dir):
+    from datm_fast.data import load_dataset, preprocess
+
+    raw = load_dataset("mnist", root=shared_data, cache_dir=session_cache_dir)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.cat([torch.nonzero(raw.train_labels == c).flatten()[:60] for c in range(10)])
+    keep = keep[torch.randperm(len(keep), generator=g)]
+    small = raw.replace(train_images=raw.train_images[keep], train_labels=raw.train_labels[keep], fingerprint=None)
+    data, transform = preprocess(small, "normalize", cache=False)
+    spec = convnet_spec_from_name("ConvNetW32", 1, 10, (28, 28))
+    experts = TensorTrajectories(_train_expert(spec, data.train_images, data.train_labels, 4, seed=0).unsqueeze(0))
+    config = load_config(
+        BASE,
+        ipc=1,
+        syn_steps=10,
+        batch_syn=10,
+        expert_epochs=2,
+        min_start_epoch=0,
+        max_start_epoch=1,
+        sequential_generation=False,
+        iterations=30,
+        lr_img=1000.0,
+        threshold=10.0,
+    )
+    result = distill(data, experts, config, transform=transform, progress=False)
+    losses = [row["loss"] for row in result.history]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.9 * first, (first, last)
