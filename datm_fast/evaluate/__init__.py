@@ -1,0 +1,78 @@
+"""Evaluation of distilled sets, DATM's protocol, fast: train fresh networks on a set, test them.
+
+* :func:`evaluate_synset` trains ``config.runs`` networks on images + labels (class indices or logit
+  labels) with the set's lr and returns an :class:`EvalResult` (per-run test accuracies, mean ± std);
+  :func:`evaluate_models` does it for a cross-architecture pool (:data:`EVAL_POOLS`).
+* :func:`evaluate_run_dir` evaluates a run directory (``images_best.pt``, ``labels_best.pt``,
+  ``lr_best.pt``, optional ``run.json``); :func:`load_synset` reads upstream-format files.
+* :func:`random_real_baseline` and :func:`whole_dataset_baseline`: the same protocol on real data.
+* :class:`EvalConfig` holds the protocol (upstream's defaults) and how to run it: networks without
+  batch norm train several runs at once on a GPU (``torch.func.vmap`` over stacked parameters),
+  long CPU runs are compiled, everything stays on the device, and every random draw comes from an
+  explicit ``torch.Generator``. :func:`retain_freed_memory` is a process-wide CPU speed-up for
+  command-line entry points (``datm-fast eval`` calls it).
+
+Example::
+
+    import torch
+    from datm_fast.data import load_dataset, preprocess
+    from datm_fast.evaluate import EvalConfig, evaluate_synset, random_real_baseline
+
+    ds, _ = preprocess(load_dataset("cifar10", root="../shared/data"), "zca")
+    g = torch.Generator().manual_seed(0)
+    print(random_real_baseline(ds, 10, EvalConfig(runs=5), generator=g, device="cuda").format())
+    res = evaluate_synset(images, labels, lr, ds.test_images, ds.test_labels, EvalConfig(), generator=g)
+
+Importing this package starts no device and reads no file.
+"""
+
+from ._cpu import retain_freed_memory
+from .baselines import BASELINE_LR, random_real_baseline, random_real_subset, whole_dataset_baseline
+from .config import EVAL_POOLS, EvalConfig, EvalResult, resolve_models
+from .losses import soft_cross_entropy, train_loss
+from .protocol import check_lr, evaluate_models, evaluate_synset
+from .results import environment, format_table, write_results
+from .rundir import evaluate_run_dir
+from .synset import (
+    PREPROCESSING,
+    RUN_INFO_FILE,
+    RunInfo,
+    SyntheticSet,
+    find_synset_files,
+    load_eval_dataset,
+    load_run_dir,
+    load_synset,
+    read_run_info,
+    write_run_info,
+)
+
+__all__ = [
+    "BASELINE_LR",
+    "EVAL_POOLS",
+    "PREPROCESSING",
+    "RUN_INFO_FILE",
+    "EvalConfig",
+    "EvalResult",
+    "RunInfo",
+    "SyntheticSet",
+    "check_lr",
+    "environment",
+    "evaluate_models",
+    "evaluate_run_dir",
+    "evaluate_synset",
+    "find_synset_files",
+    "format_table",
+    "load_eval_dataset",
+    "load_run_dir",
+    "load_synset",
+    "random_real_baseline",
+    "random_real_subset",
+    "read_run_info",
+    "resolve_models",
+    "retain_freed_memory",
+    "soft_cross_entropy",
+    "train_loss",
+    "whole_dataset_baseline",
+    "write_results",
+    "write_run_info",
+]
