@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ..augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ..backends import Backend
-from ..models import ConvNetSpec, convnet_forward
+from ..models import ConvNetSpec, convnet_apply, convnet_forward, unflatten_params
 from ..ops import matching_loss
 
 __all__ = [
@@ -167,6 +167,22 @@ def _step_loss(
     return soft_cross_entropy(convnet_forward(spec, params, x), labels) / batch_size
 
 
+def _leaves(spec: ConvNetSpec, theta: Tensor) -> list[Tensor]:
+    """theta as separate leaf tensors, one per parameter (views of it, no copy); see convnet_apply."""
+    return [p.detach().requires_grad_(True) for p in unflatten_params(spec, theta)]
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _leaf_step_loss(
+    spec: ConvNetSpec, leaves: list[Tensor], images: Tensor, labels: Tensor, augment: DSAParams | None, batch_size: int
+) -> Tensor:
+    x = images if augment is None else apply_dsa(images, augment)
+    return soft_cross_entropy(convnet_apply(spec, leaves, x), labels) / batch_size
+
+
 def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None) -> list[slice]:
     # Batch norm normalises with statistics over the whole batch: it cannot be split.
     if micro_batch is None or spec.norm == "batch" or micro_batch >= batch_size:
@@ -234,10 +250,9 @@ def _rollout(
             idx = step.indices[mb]
             aug = None if step.augment is None else step.augment[mb]
             with torch.enable_grad():
-                p = theta.detach().requires_grad_(True)
-                loss = _step_loss(spec, p, images[idx], labels[idx], aug, batch)
-                (g,) = torch.autograd.grad(loss, p)
-            grad += g
+                leaves = _leaves(spec, theta)
+                loss = _leaf_step_loss(spec, leaves, images[idx], labels[idx], aug, batch)
+                grad += _flat(list(torch.autograd.grad(loss, leaves)))
         theta = theta - lr_value * grad
     return thetas, theta
 
@@ -271,21 +286,23 @@ class _CheckpointedUnroll(torch.autograd.Function):
             step = plan.steps[i]
             batch = int(step.indices.numel())
             hvp = torch.zeros_like(lam) if exact else None
+            lam_parts = unflatten_params(spec, lam)
             for mb in _micro_batches(spec, batch, micro_batch):
                 idx = step.indices[mb]
                 aug = None if step.augment is None else step.augment[mb]
                 with torch.enable_grad():
-                    theta = thetas[i].detach().requires_grad_(True)
+                    leaves = _leaves(spec, thetas[i])
                     x = images[idx].requires_grad_(need_x)
                     y = labels[idx].requires_grad_(need_y)
-                    loss = _step_loss(spec, theta, x, y, aug, batch)
-                    (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-                    dot = torch.dot(g, lam)
-                    wrt = [t for t, need in ((theta, exact), (x, need_x), (y, need_y)) if need]
+                    loss = _leaf_step_loss(spec, leaves, x, y, aug, batch)
+                    gs = torch.autograd.grad(loss, leaves, create_graph=True)
+                    dot = sum(torch.dot(g.reshape(-1), lp.reshape(-1)) for g, lp in zip(gs, lam_parts))
+                    wrt = (leaves if exact else []) + [t for t, need in ((x, need_x), (y, need_y)) if need]
                     grads = torch.autograd.grad(dot, wrt, allow_unused=True) if wrt else []
                 grads = list(grads)
                 if exact:
-                    hvp += grads.pop(0)
+                    hvp += _flat([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)])
+                    del grads[: len(leaves)]
                 if need_x:
                     gx = grads.pop(0)
                     if gx is not None:

@@ -379,11 +379,22 @@ def convnet_forward(spec: ConvNetSpec, flat_params: torch.Tensor, x: torch.Tenso
         net = ConvNet(spec); net.load_flat_(flat_params); net.train()
         logits = net(x)   # but differentiable w.r.t. flat_params
     """
+    return convnet_apply(spec, unflatten_params(spec, flat_params), x)
+
+
+def convnet_apply(spec: ConvNetSpec, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """:func:`convnet_forward` with the parameters as separate tensors (``unflatten_params`` order).
+
+    Differentiating with respect to separate leaf tensors avoids what a flat vector costs in every
+    backward: each view's gradient is scattered into a zero-filled copy of the whole vector (one
+    per parameter tensor, 14 for ConvNet-3), which the unroll engines would pay at every step.
+    """
     if x.dim() != 4 or tuple(x.shape[1:]) != spec.input_shape:
         raise ValueError(
             f"convnet_forward: x must have shape (N, {', '.join(map(str, spec.input_shape))}), got {tuple(x.shape)}"
         )
-    params = unflatten_params(spec, flat_params)
+    if len(params) != len(spec._params):
+        raise ValueError(f"convnet_apply: expected {len(spec._params)} parameter tensors, got {len(params)}")
     i = 0
     h = x
     for layer in spec.layers:
