@@ -4,6 +4,7 @@ Subcommands (each a function ``_cmd_<name>`` registered in :func:`build_parser`)
     info    versions and which backends are live, and why one is not
     data    load (decode once, cache) a dataset, optionally long-tailed and preprocessed, print a
             summary and write an image grid
+    distill run DATM from a config and an expert buffer; checkpoints, resume, image grids
     eval    train fresh networks on a distilled set (or a real baseline) and report test accuracy
     bench   seconds per distillation iteration and peak memory of the unroll engines at the shapes
             of the paper's configs, with upstream's figures beside ours
@@ -163,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(func=_cmd_bench)
 
+    from .distill.cli import add_parser as add_distill_parser
     from .evaluate.cli import add_parser as add_eval_parser
 
+    add_distill_parser(sub)
     add_eval_parser(sub)
     return parser
 

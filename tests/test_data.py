@@ -936,3 +936,16 @@ def test_real_data_dir_untouched(shared_data, cifar10, tmp_path):
     load_dataset("breastmnist", root=shared_data, cache_dir=tmp_path / "cache")
     load_dataset(shared_data / "mnist.npz", cache=False)
     assert _snapshot(shared_data) == before
+
+
+def test_bundled_digits_need_no_files():
+    from datm_fast.data import load_dataset
+
+    ds = load_dataset("digits")
+    assert ds.train_images.shape == (1438, 1, 8, 8) and ds.test_images.shape == (359, 1, 8, 8)
+    assert ds.classes == tuple("0123456789")
+    assert float(ds.train_images.min()) == 0.0 and float(ds.train_images.max()) == 1.0
+    counts = ds.class_counts("train") + ds.class_counts("test")
+    assert counts.tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # scikit-learn's digits
+    again = load_dataset("DIGITS")
+    assert torch.equal(again.train_images, ds.train_images) and again.fingerprint == ds.fingerprint

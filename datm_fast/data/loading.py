@@ -155,7 +155,9 @@ def load_dataset(
     Args:
         name_or_path: a dataset name (``"cifar10"``, ``"mnist"``, ``"fashion_mnist"``, ``"breastmnist"``,
             ``"cifar100"``, ``"tinyimagenet"``, ...) resolved against ``root``, or a path to an ``.npz``
-            archive or a dataset folder. See :func:`resolve_source` and ``datm_fast.data._layouts``.
+            archive or a dataset folder; or ``"digits"``, scikit-learn's bundled 8x8 digits
+            (:mod:`datm_fast.data.bundled`), which needs no root. See :func:`resolve_source` and
+            ``datm_fast.data._layouts``.
         root: folder that names are resolved against.
         cache_dir: where decoded uint8 arrays are cached (default ``datm_fast.utils.default_cache_dir()``).
             The cache entry is keyed by a fingerprint of the source files, so changed files are decoded again.
@@ -177,6 +179,10 @@ def load_dataset(
         ds = load_dataset("cifar10", root="/work/shared/data")
         ds.train_images.shape  # torch.Size([50000, 3, 32, 32])
     """
+    from .bundled import BUNDLED
+
+    if isinstance(name_or_path, str) and name_or_path.lower() in BUNDLED:
+        return BUNDLED[name_or_path.lower()]()  # ships inside a package: nothing to resolve or cache
     source = resolve_source(name_or_path, root, download=download)
     fingerprint = source_fingerprint(source)
     raw: RawDataset | None = None
