@@ -6,6 +6,7 @@ Subcommands (each a function ``_cmd_<name>`` registered in :func:`build_parser`)
             summary and write an image grid
     distill run DATM from a config and an expert buffer; checkpoints, resume, image grids
     eval    train fresh networks on a distilled set (or a real baseline) and report test accuracy
+    report  a Markdown summary of a run directory with curves and the image grid
     bench   seconds per distillation iteration and peak memory of the unroll engines at the shapes
             of the paper's configs, with upstream's figures beside ours
 """
@@ -166,9 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .distill.cli import add_parser as add_distill_parser
     from .evaluate.cli import add_parser as add_eval_parser
+    from .report import add_parser as add_report_parser
 
     add_distill_parser(sub)
     add_eval_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
