@@ -1,6 +1,8 @@
 """The ``datm-fast`` command line.
 
-Subcommands (each a function ``_cmd_<name>`` registered in :func:`build_parser`):
+Subcommands (registered in :func:`build_parser`; the larger ones live beside their stage):
+    quickstart  the whole pipeline in minutes on a CPU (datm_fast.quickstart)
+    buffer  train, convert and inspect expert buffers (datm_fast.experts.cli)
     info    versions and which backends are live, and why one is not
     data    load (decode once, cache) a dataset, optionally long-tailed and preprocessed, print a
             summary and write an image grid
@@ -167,8 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .distill.cli import add_parser as add_distill_parser
     from .evaluate.cli import add_parser as add_eval_parser
+    from .experts.cli import add_parser as add_buffer_parser
+    from .quickstart import add_parser as add_quickstart_parser
     from .report import add_parser as add_report_parser
 
+    add_quickstart_parser(sub)
+    add_buffer_parser(sub)
     add_distill_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)

@@ -1,0 +1,274 @@
+"""The ``datm-fast buffer`` command: train expert buffers, convert upstream ones, inspect and verify.
+
+Register with :func:`add_parser` on the ``datm-fast`` subparsers. Usage::
+
+    datm-fast buffer --dataset cifar10 --data-root ../shared/data --model ConvNet --experts 100 \\
+        --epochs 50 --optimizer gsam --zca --out buffers/cifar10_zca
+    datm-fast buffer convert OLD_DIR --out DIR [--model ConvNet] [--dataset cifar10 --data-root R --zca]
+    datm-fast buffer info DIR [--verify]
+
+Training resumes: the same command again skips finished experts and retrains an interrupted group.
+``python -m datm_fast.experts buffer ...`` runs the same command without the ``datm-fast`` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "main"]
+
+_DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
+
+
+def _preprocessing(args: argparse.Namespace) -> str:
+    return "zca" if args.zca else args.preprocess
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--dataset",
+        required=False,
+        default=None,
+        help="dataset name (cifar10, cifar100, tinyimagenet, mnist, ...) or path" + (" (required)" if required else ""),
+    )
+    p.add_argument("--data-root", type=Path, default=None, help="folder that dataset names resolve against")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="decoded-data and ZCA cache (default ~/.cache/datm_fast)"
+    )
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten (DATM's choice for CIFAR and Tiny ImageNet)")
+    p.add_argument(
+        "--preprocess",
+        choices=("normalize", "zca", "none"),
+        default="normalize",
+        help="preprocessing when --zca is not given (default: per-channel normalisation, as upstream without ZCA)",
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``buffer`` (train; with sub-actions ``convert`` and ``info``) on ``datm-fast``'s subparsers.
+
+    Each parser sets ``func`` to its handler, which takes the parsed ``argparse.Namespace`` and
+    returns an exit status; bad input raises ``ValueError`` (including ``ExpertBufferError`` and
+    ``DatasetError``) with a message naming it.
+    """
+    p = subparsers.add_parser(
+        "buffer",
+        help="train expert trajectories into a buffer (resumable); also: buffer convert, buffer info",
+        description="Train N expert ConvNets on a dataset and store every epoch's parameters "
+        "(one safetensors file per expert plus manifest.json). Rerun the same command to resume.",
+    )
+    _add_data_args(p, required=True)
+    p.add_argument("--model", default=None, help="ConvNet name (ConvNet, ConvNetD4, ConvNetBN, ...; default by size)")
+    p.add_argument("--experts", type=int, default=100, help="number of experts (default 100)")
+    p.add_argument("--epochs", type=int, default=50, help="training epochs per expert (default 50)")
+    p.add_argument("--optimizer", choices=("sgd", "gsam"), default="gsam", help="sgd (MTT) or gsam (FTD/DATM; default)")
+    p.add_argument("--out", type=Path, default=None, help="buffer directory (required)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; expert i derives its own from it (default 0)")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (default 0)")
+    p.add_argument("--rho", type=float, default=0.01, help="GSAM radius (default 0.01)")
+    p.add_argument("--alpha", type=float, default=0.3, help="GSAM alpha (default 0.3)")
+    p.add_argument("--no-adaptive", action="store_true", help="GSAM without the adaptive (w^2) perturbation")
+    p.add_argument("--dsa-strategy", default=_DEFAULT_STRATEGY, help=f"DSA op groups (default {_DEFAULT_STRATEGY})")
+    p.add_argument("--no-dsa", action="store_true", help="no augmentation")
+    p.add_argument(
+        "--experts-per-batch", type=int, default=None, help="experts trained at once (default: 1 CPU, 8 GPU)"
+    )
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--max-train-images", type=int, default=None, help="train on a random subset (quick runs)")
+    p.add_argument("--max-test-images", type=int, default=None, help="test on a random subset (quick runs)")
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "cpp", "compile", "aten"),
+        default="auto",
+        help="norm/ReLU/pool kernels: auto (default: C++ on CPU, torch.compile on CUDA), cpp, compile, "
+        "or aten (plain PyTorch, nothing compiled)",
+    )
+    p.add_argument("--no-verify", action="store_true", help="on resume, check finished files by size, not checksum")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_buffer, _buffer_parser=p)
+
+    sub = p.add_subparsers(dest="buffer_action", metavar="{convert,info}")
+    c = sub.add_parser(
+        "convert",
+        help="convert an upstream buffer (replay_buffer_<n>.pt) to the native format",
+        description="Read replay_buffer_<n>.pt files (MTT/FTD/DATM) with torch.load(weights_only=True) and "
+        "write one safetensors file per expert plus manifest.json. Resumable.",
+    )
+    c.add_argument("src", type=Path, help="directory of replay_buffer_<n>.pt files (or one such file)")
+    c.add_argument("--out", type=Path, required=True, help="native buffer directory to write")
+    c.add_argument(
+        "--model", default=None, help="ConvNet name the buffer was trained with (default: inferred, instance norm)"
+    )
+    _add_data_args(c, required=False)
+    c.set_defaults(func=_cmd_convert)
+
+    i = sub.add_parser("info", help="summarise a buffer (native or upstream); --verify checks every checksum")
+    i.add_argument("path", type=Path, help="buffer directory")
+    i.add_argument("--verify", action="store_true", help="verify every file's sha256 now")
+    i.set_defaults(func=_cmd_info)
+
+
+def _cmd_buffer(args: argparse.Namespace) -> int:
+    from ..augment import DSAConfig
+    from ..models import convnet_spec_from_name, default_convnet_name
+    from .build import prepare_dataset
+    from .config import ExpertConfig
+    from .train import resolve_device
+
+    parser: argparse.ArgumentParser = args._buffer_parser
+    missing = [flag for flag, v in (("--dataset", args.dataset), ("--out", args.out)) if v is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    if args.experts < 1:
+        raise ValueError(f"--experts must be >= 1, got {args.experts}")
+    if args.experts_per_batch is not None and args.experts_per_batch < 1:
+        raise ValueError(f"--experts-per-batch must be >= 1, got {args.experts_per_batch}")
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        # Reuse freed activation memory instead of page-faulting 100+ MB back in every step: 1.3x per
+        # CPU training step (2.70 -> 2.02 s per 1,000 GSAM images, benchmarks/RESULTS.md). Process-wide,
+        # which is fine for a command.
+        from ..evaluate._cpu import retain_freed_memory
+
+        retain_freed_memory()
+    config = ExpertConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        rho=args.rho,
+        alpha=args.alpha,
+        adaptive=not args.no_adaptive,
+        dsa=None if args.no_dsa else DSAConfig(strategy=args.dsa_strategy),
+        seed=args.seed,
+    )
+    t0 = time.perf_counter()
+    ds = prepare_dataset(
+        args.dataset,
+        args.data_root,
+        preprocessing=_preprocessing(args),
+        cache_dir=args.cache_dir,
+        max_train=args.max_train_images,
+        max_test=args.max_test_images,
+        seed=args.seed,
+    )
+    model = args.model or default_convnet_name(ds.image_size)
+    spec = convnet_spec_from_name(model, ds.channels, ds.num_classes, ds.image_size)
+    opt = (
+        config.optimizer
+        if config.optimizer == "sgd"
+        else (f"gsam(rho={config.rho}, alpha={config.alpha}{', adaptive' if config.adaptive else ''})")
+    )
+    print(
+        f"{ds.name} ({ds.preprocessing}): {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
+        f"prepared in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    print(
+        f"{args.experts} x {model} ({spec.num_params} params), {config.epochs} epochs, batch {config.batch_size}, "
+        f"{opt}, lr {config.lr}, DSA {'off' if config.dsa is None else config.dsa.strategy}, seed {config.seed}, "
+        f"device {device} -> {args.out}",
+        file=sys.stderr,
+    )
+    try:
+        summary = _build(args, ds, spec, config, model, device)
+    except FloatingPointError as e:  # a diverged expert: report it like any other bad input
+        raise RuntimeError(str(e)) from None
+    print(summary.line())
+    return 0
+
+
+def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str, device: Any) -> Any:
+    from .build import build_buffer
+
+    return build_buffer(
+        args.out,
+        ds,
+        spec,
+        config,
+        args.experts,
+        model_name=model,
+        device=device,
+        experts_per_batch=args.experts_per_batch,
+        kernels=args.kernels,
+        progress=not args.no_progress,
+        verify_existing=not args.no_verify,
+    )
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .buffer import ExpertBuffer, convert_upstream
+    from .build import prepare_dataset
+
+    dataset = None
+    if args.dataset is not None:
+        dataset = prepare_dataset(
+            args.dataset, args.data_root, preprocessing=_preprocessing(args), cache_dir=args.cache_dir
+        )
+    src = ExpertBuffer.open(args.src, model=args.model)
+    if dataset is not None:
+        want = (dataset.channels, dataset.num_classes, dataset.image_size)
+        got = (src.spec.channels, src.spec.num_classes, src.spec.image_size)
+        if want != got:
+            raise ValueError(
+                f"{args.src}: buffer is for (channels, classes, image size) {got}, but dataset "
+                f"{dataset.name!r} has {want}"
+            )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=src.num_experts, unit="expert", desc="converting")
+    try:
+        buf = convert_upstream(
+            args.src, args.out, spec=src.spec, dataset=dataset, model_name=args.model, on_expert=lambda i: bar.update()
+        )
+    finally:
+        bar.close()
+    print(f"converted {args.src} -> {buf.root}: {buf.num_experts} experts x {buf.num_epochs} epochs, {buf.spec}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .buffer import ExpertBuffer
+
+    buf = ExpertBuffer.open(args.path)
+    print(repr(buf))
+    if buf.manifest is not None:
+        m = buf.manifest
+        ds = m.get("dataset") or {}
+        print(f"  dataset: {ds.get('name')} ({ds.get('preprocessing')}), fingerprint {ds.get('fingerprint')}")
+        print(f"  config:  {m.get('config')}")
+        accs = [buf.stats(i).get("test_acc") for i in range(buf.num_experts)]
+        finals = [a[-1] for a in accs if a]
+        if finals:
+            print(
+                f"  final test acc: mean {100 * sum(finals) / len(finals):.2f}%, "
+                f"min {100 * min(finals):.2f}%, max {100 * max(finals):.2f}% over {len(finals)} experts"
+            )
+    if args.verify:
+        t0 = time.perf_counter()
+        buf.verify()
+        print(f"  verified {buf.num_experts} files in {time.perf_counter() - t0:.1f} s: all checksums match")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m datm_fast.experts buffer ...``: the command without the ``datm-fast`` entry point."""
+    parser = argparse.ArgumentParser(prog="python -m datm_fast.experts")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"datm-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
