@@ -53,7 +53,7 @@ from torch import Tensor
 
 from ..augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ..backends import Backend
-from ..models import ConvNetSpec, convnet_apply, convnet_forward, unflatten_params
+from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
 from ..ops import matching_loss
 
 __all__ = [
@@ -163,17 +163,13 @@ def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
 def _step_loss(
     spec: ConvNetSpec, params: Tensor, images: Tensor, labels: Tensor, augment: DSAParams | None, batch_size: int
 ) -> Tensor:
-    x = images if augment is None else apply_dsa(images, augment)
-    return soft_cross_entropy(convnet_forward(spec, params, x), labels) / batch_size
+    # The flat vector as views, for the full engine whose unroll differentiates through theta itself.
+    return _leaf_step_loss(spec, unflatten_params(spec, params), images, labels, augment, batch_size)
 
 
 def _leaves(spec: ConvNetSpec, theta: Tensor) -> list[Tensor]:
     """theta as separate leaf tensors, one per parameter (views of it, no copy); see convnet_apply."""
     return [p.detach().requires_grad_(True) for p in unflatten_params(spec, theta)]
-
-
-def _flat(tensors: list[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _leaf_step_loss(
@@ -252,7 +248,7 @@ def _rollout(
             with torch.enable_grad():
                 leaves = _leaves(spec, theta)
                 loss = _leaf_step_loss(spec, leaves, images[idx], labels[idx], aug, batch)
-                grad += _flat(list(torch.autograd.grad(loss, leaves)))
+                grad += flatten_params(list(torch.autograd.grad(loss, leaves)))
         theta = theta - lr_value * grad
     return thetas, theta
 
@@ -301,7 +297,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
                     grads = torch.autograd.grad(dot, wrt, allow_unused=True) if wrt else []
                 grads = list(grads)
                 if exact:
-                    hvp += _flat([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)])
+                    hvp += flatten_params([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)])
                     del grads[: len(leaves)]
                 if need_x:
                     gx = grads.pop(0)
