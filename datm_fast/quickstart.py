@@ -64,13 +64,10 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True) -> list[Q
     from .experts import ExpertBuffer, ExpertConfig, build_buffer
     from .models import convnet_spec_from_name
     from .report import write_report
+    from .utils import resolve_device
 
     out = Path(config.out)
-    device = torch.device(
-        "cuda"
-        if config.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if config.device == "auto" else config.device)
-    )
+    device = resolve_device(config.device)
     raw = load_dataset(config.dataset, root=config.data_root)
     method = config.preprocess if config.preprocess != "auto" else ("zca" if raw.channels == 3 else "normalize")
     data, transform = preprocess(raw, method)  # type: ignore[arg-type]

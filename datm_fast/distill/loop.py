@@ -35,7 +35,7 @@ from ..augment import DSAConfig
 from ..data import ImageDataset
 from ..data.transforms import Transform
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
-from ..utils import atomic_write, peak_rss_bytes
+from ..utils import atomic_write, peak_rss_bytes, resolve_device
 from ..viz import save_image_grid
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .unroll import trajectory_matching_loss
@@ -310,12 +310,6 @@ def _truncate_metrics(path: Path, next_iteration: int) -> None:
         f.write("".join(line + "\n" for line in keep))
 
 
-def _resolve_device(config: DistillConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
@@ -355,7 +349,7 @@ def distill(
     Returns:
         :class:`DistilledSet` with the best images, labels and lr.
     """
-    device = _resolve_device(config)
+    device = resolve_device(config.device)
     spec = convnet_spec_from_name(config.model, data.channels, data.num_classes, data.image_size)
     validate_against(
         config,

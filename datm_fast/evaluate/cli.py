@@ -100,6 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..augment import DSAConfig
+    from ..utils import resolve_device
     from ._cpu import retain_freed_memory
     from .baselines import BASELINE_LR, random_real_baseline
     from .baselines import whole_dataset_baseline as whole_baseline
@@ -111,7 +112,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.zca and args.preprocess not in (None, "zca"):
         raise ValueError(f"--zca contradicts --preprocess {args.preprocess}")
     preprocessing = "zca" if args.zca else args.preprocess
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu":
         retain_freed_memory()  # this process only trains: reuse freed activations (1.2-1.6x on CPU)
     generator = torch.Generator().manual_seed(args.seed)

@@ -46,6 +46,7 @@ from torch import Tensor
 from ..augment import DSAParams, apply_dsa, sample_dsa_params
 from ..data import ImageDataset
 from ..models import ConvNetSpec, init_flat_params
+from ..utils import resolve_device
 from ._batched import FusedBlock, batched_logits, fused_supported, make_fused_block, param_slices, stack_inputs
 from .config import ExpertConfig, expert_seed, stream_seed
 from .gsam import gsam_direction, gsam_perturbation, sgd_step
@@ -56,16 +57,6 @@ __all__ = ["KERNELS", "ExpertTrainer", "TrainedExpert", "EpochReport", "default_
 KERNELS: tuple[str, ...] = ("auto", "cpp", "compile", "aten")
 
 Device = Union[str, torch.device]
-
-
-def resolve_device(device: Device | None) -> torch.device:
-    """``None`` or ``"auto"``: CUDA when available, else CPU. Checks that a CUDA device exists."""
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 def default_experts_per_batch(device: torch.device) -> int:
