@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "run_distill", "parse_overrides"]
+__all__ = ["add_parser", "run_distill", "parse_overrides", "parse_log_to"]
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -20,6 +20,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_log_to(text: str) -> list[str]:
+    """``--log-to tensorboard,wandb`` -> ``["tensorboard", "wandb"]``; an unknown name is a usage error."""
+    from .loggers import parse_logger_names
+
+    try:
+        return parse_logger_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def run_distill(args: argparse.Namespace) -> int:
     import torch
 
@@ -27,13 +37,20 @@ def run_distill(args: argparse.Namespace) -> int:
     from ..evaluate import EvalConfig, RunInfo, evaluate_synset, write_run_info
     from ..experts import ExpertBuffer
     from .config import load_config
+    from .loggers import check_logger_names
     from .loop import EvalOutcome, distill
 
+    try:  # a missing tensorboard/wandb fails before any work, in one line (main reports RuntimeErrors)
+        check_logger_names(getattr(args, "log_to", None) or ())
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from exc
     overrides = parse_overrides(args.set or [])
     for key in ("iterations", "seed", "device", "unroll"):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
+    if getattr(args, "wandb_project", None):
+        overrides["project"] = args.wandb_project
     config = load_config(args.config, **overrides)
     out = Path(args.out)
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
@@ -87,6 +104,7 @@ def run_distill(args: argparse.Namespace) -> int:
         run_dir=out,
         resume=args.resume,
         progress=not args.quiet,
+        loggers=getattr(args, "log_to", None) or (),
     )
     acc = "not evaluated" if result.best_accuracy is None else f"best accuracy {100 * result.best_accuracy:.2f}%"
     print(f"done: {acc} at iteration {result.iteration}, lr {result.lr:.3g}; set and grid in {out}")
@@ -119,4 +137,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--eval-epochs", type=int, default=None, help="epochs per evaluation (default: epoch_eval_train)")
     p.add_argument("--no-buffer-check", action="store_true", help="skip the buffer's dataset fingerprint check")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--log-to",
+        type=parse_log_to,
+        default=[],
+        metavar="LOGGERS",
+        help="also log metrics and image grids to tensorboard (OUT/tensorboard), wandb, or both: tensorboard,wandb "
+        "(pip install tensorboard / wandb)",
+    )
+    p.add_argument(
+        "--wandb-project", default=None, help="wandb project (default: the config's project key); the run is OUT's name"
+    )
     p.set_defaults(func=run_distill)

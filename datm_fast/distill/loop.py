@@ -3,7 +3,8 @@
 Everything upstream's ``distill/DATM.py`` does, key for key (see :class:`DistillConfig`), plus what it
 lacks: every random choice is derived from ``config.seed`` and the iteration number, so a run
 reproduces bit for bit and a resumed run equals an uninterrupted one; atomic checkpoints; NaN and
-infinite losses are reported and skipped; a progress bar and ``metrics.jsonl``.
+infinite losses are reported and skipped; a progress bar and ``metrics.jsonl``; optional TensorBoard and
+wandb logging (:mod:`datm_fast.distill.loggers`).
 
 One iteration ``it``:
 
@@ -22,13 +23,14 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from ..augment import DSAConfig
@@ -38,6 +40,7 @@ from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
 from ..utils import atomic_write, peak_rss_bytes, resolve_device
 from ..viz import save_image_grid
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
+from .loggers import MetricsLogger, check_logger_names, make_loggers
 from .unroll import trajectory_matching_loss
 
 __all__ = [
@@ -234,6 +237,27 @@ def _save_grid(path: Path, images: Tensor, transform: Transform | None, ipc: int
     save_image_grid(shown, path, nrow=per_row, scale=max(1, 64 // x.shape[-1]))
 
 
+def _log_grid(loggers: Sequence[MetricsLogger], tag: str, path: Path, step: int) -> None:
+    """Send the grid just saved at ``path`` to the loggers that take images."""
+    targets = [lg for lg in loggers if callable(getattr(lg, "log_images", None))]
+    if not targets:
+        return
+    with Image.open(path) as picture:
+        grid = np.asarray(picture.convert("RGB"))
+    for logger in targets:
+        logger.log_images(tag, grid, max(step, 0))  # type: ignore[attr-defined]
+
+
+def _close_loggers(loggers: Sequence[MetricsLogger]) -> None:
+    for logger in loggers:
+        try:
+            logger.close()
+        except Exception as exc:  # one failing tracker must not hide the run's outcome
+            warnings.warn(
+                f"distill: closing logger {type(logger).__name__} failed: {exc}", RuntimeWarning, stacklevel=3
+            )
+
+
 @dataclass
 class _State:
     images: Tensor
@@ -329,6 +353,7 @@ def distill(
     progress: bool = True,
     max_iterations: int | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
+    loggers: str | Sequence[str] | Sequence[MetricsLogger] = (),
 ) -> DistilledSet:
     """Distil ``data`` into ``config.ipc`` images per class by matching ``experts``' trajectories.
 
@@ -345,6 +370,10 @@ def distill(
         progress: show a progress bar.
         max_iterations: stop after this many iterations of this call (a budget; for tests and demos).
         callback: called with each metrics row.
+        loggers: experiment trackers that get each metrics row with ``step = iteration``, and the image
+            grids: names (``"tensorboard"``, ``"wandb"``, or ``"tensorboard,wandb"``; see
+            :func:`datm_fast.distill.loggers.make_loggers`) or ready :class:`MetricsLogger` objects.
+            All are closed when the call ends, normally or not.
 
     Returns:
         :class:`DistilledSet` with the best images, labels and lr.
@@ -358,6 +387,11 @@ def distill(
         class_names=data.classes,
     )
     run_path = Path(run_dir) if run_dir is not None else (Path(config.out_dir) if config.out_dir else None)
+    if isinstance(loggers, str):
+        loggers = [loggers]
+    logger_names = check_logger_names([lg for lg in loggers if isinstance(lg, str)])
+    if "tensorboard" in logger_names and run_path is None:
+        raise ValueError("distill: tensorboard logging needs a run directory (run_dir or config.out_dir)")
     if resume and (run_path is None or not (run_path / CHECKPOINT_NAME).exists()):
         raise ValueError(f"resume: no {CHECKPOINT_NAME} in {run_path}")
     if run_path is not None:
@@ -397,6 +431,8 @@ def distill(
     last = config.iterations
     stop = last + 1 if max_iterations is None else min(last + 1, state.iteration + max_iterations)
     history: list[dict[str, Any]] = []
+    active: list[MetricsLogger] = [lg for lg in loggers if not isinstance(lg, str)]
+    active += make_loggers(logger_names, run_path, config, resume_from=state.iteration if resume else None)
     metrics_file = (run_path / METRICS_NAME).open("a") if run_path is not None else None
 
     bar = None
@@ -421,6 +457,7 @@ def distill(
                     if run_path is not None:
                         _save_set(run_path, "best", *best[:3])
                         _save_grid(run_path / "images_best.png", best[0], transform, config.ipc)
+                        _log_grid(active, "images_best", run_path / "images_best.png", it)
 
             t0 = time.perf_counter()
             expert = expert_for_iteration(config.seed, it, experts.num_experts)
@@ -482,6 +519,8 @@ def distill(
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            for logger in active:
+                logger.log(row, it)
             if callback is not None:
                 callback(row)
             state.iteration = it + 1
@@ -491,18 +530,21 @@ def distill(
             if run_path is not None and config.checkpoint_every and state.iteration % config.checkpoint_every == 0:
                 _save_set(run_path, str(it), images, labels, float(lr.detach()))
                 _save_grid(run_path / "images_latest.png", images, transform, config.ipc)
+                _log_grid(active, "images_latest", run_path / "images_latest.png", it)
                 _checkpoint(run_path, state, config)
+
+        if state.best_accuracy is None:  # no evaluation: the last set is the result
+            best = (images.detach().clone(), labels.detach().clone(), float(lr.detach()), state.iteration - 1)
+            if run_path is not None:
+                _save_set(run_path, "best", *best[:3])
+                _save_grid(run_path / "images_best.png", best[0], transform, config.ipc)
+                _log_grid(active, "images_best", run_path / "images_best.png", best[3])
     finally:
         if bar is not None:
             bar.close()
         if metrics_file is not None:
             metrics_file.close()
-
-    if state.best_accuracy is None:  # no evaluation: the last set is the result
-        best = (images.detach().clone(), labels.detach().clone(), float(lr.detach()), state.iteration - 1)
-        if run_path is not None:
-            _save_set(run_path, "best", *best[:3])
-            _save_grid(run_path / "images_best.png", best[0], transform, config.ipc)
+        _close_loggers(active)
     if run_path is not None:
         _checkpoint(run_path, state, config)
     return DistilledSet(
