@@ -162,7 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=2, help="timed iterations per engine")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps-scale", type=float, default=1.0, help="scale syn_steps (reduced runs), e.g. 0.1")
-    p.add_argument("--micro-batch", type=int, default=None, help="micro-batch of exact/tesla")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="micro-batch of exact/tesla (default: auto, a step graph of at most 256 MiB)",
+    )
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all in this process")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the exact-vs-full check")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -173,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .experts.cli import add_parser as add_buffer_parser
     from .quickstart import add_parser as add_quickstart_parser
     from .report import add_parser as add_report_parser
+    from .reproduce import add_parser as add_reproduce_parser
 
     add_quickstart_parser(sub)
     add_buffer_parser(sub)
     add_distill_parser(sub)
     add_eval_parser(sub)
     add_report_parser(sub)
+    add_reproduce_parser(sub)
     return parser
 
 
