@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "block_cuda.h"
 #include "distance_cuda.h"
 
 namespace datm_fast {
@@ -73,10 +74,109 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_distance_backward_cuda_impl
   return {grad_student, grad_start, grad_target};
 }
 
+void check_block_cuda(const char* op, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta) {
+  TORCH_CHECK(z.is_cuda() && gamma.is_cuda() && beta.is_cuda(), op, ": expected CUDA tensors");
+  TORCH_CHECK(z.dim() == 4 && z.size(2) >= 2 && z.size(3) >= 2, op, ": z must be (B, C, H, W) with H, W >= 2, got ",
+              z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op,
+              ": expected float32 or float64, got ", z.scalar_type());
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == z.size(1) && beta.dim() == 1 && beta.size(0) == z.size(1), op,
+              ": gamma and beta must have shape (", z.size(1), ")");
+  TORCH_CHECK(gamma.scalar_type() == z.scalar_type() && beta.scalar_type() == z.scalar_type(), op,
+              ": gamma and beta must have z's dtype");
+}
+
+void check_block_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                      const at::Tensor& z) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == z.scalar_type() && t.device() == z.device(), op, ": ", name,
+              " must have z's dtype and device");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_forward_cuda_impl(const at::Tensor& z_in,
+                                                                       const at::Tensor& gamma_in,
+                                                                       const at::Tensor& beta_in, double eps) {
+  check_block_cuda("block_forward", z_in, gamma_in, beta_in);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous(), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
+  const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
+  at::Tensor out = at::empty({B, C, H / 2, W / 2}, z.options());
+  at::Tensor mean = at::empty({B, C}, z.options());
+  at::Tensor rstd = at::empty({B, C}, z.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_forward_cuda", [&] {
+    DATM_CHECK_CUDA_CALL(block_forward_cuda<scalar_t>(z.data_ptr<scalar_t>(), gamma.data_ptr<scalar_t>(),
+                                                      beta.data_ptr<scalar_t>(), B, C, H, W, eps,
+                                                      out.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                                                      rstd.data_ptr<scalar_t>(), stream));
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cuda_impl(const at::Tensor& gp_in,
+                                                                        const at::Tensor& z_in,
+                                                                        const at::Tensor& gamma_in,
+                                                                        const at::Tensor& beta_in,
+                                                                        const at::Tensor& mean_in,
+                                                                        const at::Tensor& rstd_in) {
+  check_block_cuda("block_backward", z_in, gamma_in, beta_in);
+  const int64_t B = z_in.size(0), C = z_in.size(1), H = z_in.size(2), W = z_in.size(3);
+  check_block_like("block_backward", "grad_out", gp_in, {B, C, H / 2, W / 2}, z_in);
+  check_block_like("block_backward", "mean", mean_in, {B, C}, z_in);
+  check_block_like("block_backward", "rstd", rstd_in, {B, C}, z_in);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor gp = gp_in.contiguous(), z = z_in.contiguous(), gamma = gamma_in.contiguous(),
+                   beta = beta_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dz = at::empty_like(z);
+  at::Tensor sum_gn = at::empty({B, C}, z.options());
+  at::Tensor sum_gn_xhat = at::empty({B, C}, z.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_backward_cuda", [&] {
+    DATM_CHECK_CUDA_CALL(block_backward_cuda<scalar_t>(
+        gp.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(),
+        mean.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>(), B, C, H, W, dz.data_ptr<scalar_t>(),
+        sum_gn.data_ptr<scalar_t>(), sum_gn_xhat.data_ptr<scalar_t>(), stream));
+  });
+  return {dz, sum_gn, sum_gn_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cuda_impl(
+    const at::Tensor& u_in, const at::Tensor& u_gamma_in, const at::Tensor& u_beta_in, const at::Tensor& gp_in,
+    const at::Tensor& z_in, const at::Tensor& gamma_in, const at::Tensor& beta_in, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in) {
+  check_block_cuda("block_double_backward", z_in, gamma_in, beta_in);
+  const int64_t B = z_in.size(0), C = z_in.size(1), H = z_in.size(2), W = z_in.size(3);
+  check_block_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
+  check_block_like("block_double_backward", "u_gamma", u_gamma_in, {C}, z_in);
+  check_block_like("block_double_backward", "u_beta", u_beta_in, {C}, z_in);
+  check_block_like("block_double_backward", "grad_out", gp_in, {B, C, H / 2, W / 2}, z_in);
+  check_block_like("block_double_backward", "mean", mean_in, {B, C}, z_in);
+  check_block_like("block_double_backward", "rstd", rstd_in, {B, C}, z_in);
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor u = u_in.contiguous(), ug = u_gamma_in.contiguous(), ub = u_beta_in.contiguous(),
+                   gp = gp_in.contiguous(), z = z_in.contiguous(), gamma = gamma_in.contiguous(),
+                   beta = beta_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor d_gp = at::empty_like(gp);
+  at::Tensor d_z = at::empty_like(z);
+  at::Tensor d_gamma = at::empty({B, C}, z.options());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_double_backward_cuda", [&] {
+    DATM_CHECK_CUDA_CALL(block_double_backward_cuda<scalar_t>(
+        u.data_ptr<scalar_t>(), ug.data_ptr<scalar_t>(), ub.data_ptr<scalar_t>(), gp.data_ptr<scalar_t>(),
+        z.data_ptr<scalar_t>(), gamma.data_ptr<scalar_t>(), beta.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+        rstd.data_ptr<scalar_t>(), B, C, H, W, d_gp.data_ptr<scalar_t>(), d_z.data_ptr<scalar_t>(),
+        d_gamma.data_ptr<scalar_t>(), stream));
+  });
+  return {d_gp, d_z, d_gamma};
+}
+
 }  // namespace
 }  // namespace datm_fast
 
 TORCH_LIBRARY_IMPL(datm_fast, CUDA, m) {
   m.impl("param_distance", &datm_fast::param_distance_cuda);
   m.impl("param_distance_backward", &datm_fast::param_distance_backward_cuda_impl);
+  m.impl("block_forward", &datm_fast::block_forward_cuda_impl);
+  m.impl("block_backward", &datm_fast::block_backward_cuda_impl);
+  m.impl("block_double_backward", &datm_fast::block_double_backward_cuda_impl);
 }

@@ -132,7 +132,7 @@ def _problem(shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: 
     return spec, start, target, images.to(device), labels.to(device), lr.to(device)
 
 
-def _iteration(spec, problem, shape, engine, micro_batch, seed, device, backend):
+def _iteration(spec, problem, shape, engine, micro_batch, seed, device, backend, fused=True):
     start, target, images, labels, lr = problem
     x, y, a = (t.detach().clone().requires_grad_() for t in (images, labels, lr))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -152,6 +152,7 @@ def _iteration(spec, problem, shape, engine, micro_batch, seed, device, backend)
         unroll=engine,
         micro_batch=micro_batch,
         backend=backend,
+        fused=fused,
     )
     loss.backward()
     return loss.detach(), x.grad, y.grad, a.grad
@@ -167,8 +168,12 @@ def run_bench(
     micro_batch: int | None = None,
     backend: str = "auto",
     seed: int = 0,
+    fused: bool = True,
 ) -> BenchResult:
-    """Time ``iterations`` distillation iterations of ``engine`` at ``shape`` in this process."""
+    """Time ``iterations`` distillation iterations of ``engine`` at ``shape`` in this process.
+
+    ``fused=False`` runs the student's norm/ReLU/pool blocks with PyTorch's ops instead of the fused op.
+    """
     device = torch.device(device)
     result = BenchResult(
         shape.name, engine, str(device), shape.syn_steps, shape.batch_syn, shape.num_images, micro_batch
@@ -182,7 +187,7 @@ def run_bench(
         for i in range(warmup + iterations):
             sync()
             t0 = time.perf_counter()
-            _iteration(spec, problem, shape, engine, micro_batch, seed + i, device, backend)
+            _iteration(spec, problem, shape, engine, micro_batch, seed + i, device, backend, fused)
             sync()
             if i >= warmup:
                 result.seconds.append(time.perf_counter() - t0)

@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 
 from .backends import Backend, resolve_backend
+from .reference.block import (
+    block_backward_reference,
+    block_double_backward_reference,
+    block_forward_reference,
+    norm_relu_pool_reference,
+)
 from .reference.distance import param_distance_reference
 
-__all__ = ["param_distance", "matching_loss"]
+__all__ = ["param_distance", "matching_loss", "norm_relu_pool"]
 
 
 class _TritonParamDistance(torch.autograd.Function):
@@ -93,3 +99,119 @@ def matching_loss(
     """DATM's normalised matching loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` (0-dim)."""
     num, den = param_distance(student, start, target, backend=backend)
     return num / den
+
+
+# ----- ConvNet block epilogue: instance norm -> ReLU -> 2x2 average pool -----------------------------
+def _block_backend(backend: Backend, z: torch.Tensor) -> str:
+    """cpp / cuda where the compiled op can take ``z``; else the closed-form PyTorch formulas.
+
+    No Triton kernel exists for this op: ``auto`` never picks one, an explicit ``"triton"`` is an error.
+    """
+    if backend == "triton":
+        raise ValueError("norm_relu_pool: no Triton kernel for this op; use 'auto', 'torch', 'cpp' or 'cuda'")
+    supported = z.dtype in (torch.float32, torch.float64) and z.shape[2] >= 2 and z.shape[3] >= 2
+    if backend == "auto":
+        chosen = resolve_backend("auto", z.device)
+        return chosen if chosen in ("cpp", "cuda") and supported else "torch"
+    chosen = resolve_backend(backend, z.device)
+    if chosen != "torch" and not supported:
+        raise ValueError(
+            f"norm_relu_pool: backend {backend!r} takes float32/float64 inputs with H, W >= 2, "
+            f"got {z.dtype} of shape {tuple(z.shape)}"
+        )
+    return chosen
+
+
+def _block_forward_impl(backend: str, z, gamma, beta, eps: float):
+    if backend == "torch":
+        return block_forward_reference(z, gamma, beta, eps)
+    return torch.ops.datm_fast.block_forward(z, gamma, beta, eps)
+
+
+def _block_backward_impl(backend: str, gp, z, gamma, beta, mean, rstd):
+    if backend == "torch":
+        return block_backward_reference(gp, z, gamma, beta, mean, rstd)
+    return torch.ops.datm_fast.block_backward(gp, z, gamma, beta, mean, rstd)
+
+
+def _block_double_backward_impl(backend: str, u, u_gamma, u_beta, gp, z, gamma, beta, mean, rstd):
+    if backend == "torch":
+        return block_double_backward_reference(u, u_gamma, u_beta, gp, z, gamma, beta, mean, rstd)
+    return torch.ops.datm_fast.block_double_backward(u, u_gamma, u_beta, gp, z, gamma, beta, mean, rstd)
+
+
+class _NormReluPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, gamma, beta, eps, backend):
+        out, mean, rstd = _block_forward_impl(backend, z.detach(), gamma.detach(), beta.detach(), eps)
+        ctx.save_for_backward(z, gamma, beta, mean, rstd)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, gamma, beta, mean, rstd = ctx.saved_tensors
+        dz, dgamma, dbeta = _NormReluPoolBackward.apply(grad_out, z, gamma, beta, mean, rstd, ctx.backend)
+        return dz, dgamma, dbeta, None, None
+
+
+class _NormReluPoolBackward(torch.autograd.Function):
+    """The gradient of :class:`_NormReluPool` as a function of (grad_out, z, gamma, beta): differentiable
+    once more, which is what ``create_graph=True`` and the exact engine's Hessian-vector products need.
+    mean and rstd are passed as constants: the double-backward formulas account for their dependence on z."""
+
+    @staticmethod
+    def forward(ctx, grad_out, z, gamma, beta, mean, rstd, backend):
+        grad_out = grad_out.contiguous()
+        dz, sum_gn, sum_gn_xhat = _block_backward_impl(
+            backend, grad_out.detach(), z.detach(), gamma.detach(), beta.detach(), mean, rstd
+        )
+        ctx.save_for_backward(grad_out, z, gamma, beta, mean, rstd)
+        ctx.backend = backend
+        return dz, sum_gn_xhat.sum(0), sum_gn.sum(0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, u, u_gamma, u_beta):
+        grad_out, z, gamma, beta, mean, rstd = ctx.saved_tensors
+        u = torch.zeros_like(z) if u is None else u
+        u_gamma = torch.zeros_like(gamma) if u_gamma is None else u_gamma
+        u_beta = torch.zeros_like(beta) if u_beta is None else u_beta
+        d_grad_out, d_z, d_gamma = _block_double_backward_impl(
+            ctx.backend, u, u_gamma, u_beta, grad_out, z, gamma, beta, mean, rstd
+        )
+        # beta reaches the gradient only through the ReLU mask, whose derivative is zero.
+        return d_grad_out, d_z, d_gamma.sum(0), None, None, None, None
+
+
+def norm_relu_pool(
+    z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-5, *, backend: Backend = "auto"
+) -> torch.Tensor:
+    """The ConvNet block after its convolution, fused: instance norm (affine) -> ReLU -> 2x2 average pool.
+
+    Args:
+        z: (B, C, H, W) convolution output, float32 or float64 for the compiled backends.
+        gamma, beta: (C,) the norm's affine weight and bias.
+        eps: added to the variance, as ``nn.GroupNorm(C, C, eps=eps)``.
+        backend: ``"auto"`` (C++ on CPU, CUDA on GPU where built, else PyTorch), ``"torch"``, ``"cpp"``
+            or ``"cuda"``.
+
+    Returns (B, C, H // 2, W // 2). Differentiable twice in z, gamma and beta (``create_graph=True``
+    works; the second derivative is the fused double-backward kernel), as the unroll engines need.
+
+    Equivalent PyTorch code::
+
+        F.avg_pool2d(F.relu(F.group_norm(z, C, gamma, beta, eps)), 2)
+    """
+    if z.dim() != 4:
+        raise ValueError(f"norm_relu_pool: z must be (B, C, H, W), got shape {tuple(z.shape)}")
+    C = z.shape[1]
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        if t.shape != (C,):
+            raise ValueError(f"norm_relu_pool: {name} must have shape ({C},), got {tuple(t.shape)}")
+        if t.dtype != z.dtype or t.device != z.device:
+            raise ValueError(f"norm_relu_pool: {name} must have z's dtype and device ({z.dtype}, {z.device})")
+    chosen = _block_backend(backend, z)
+    if chosen == "torch" and (z.shape[2] < 2 or z.shape[3] < 2):
+        return norm_relu_pool_reference(z, gamma, beta, eps)
+    return _NormReluPool.apply(z, gamma, beta, float(eps), chosen)

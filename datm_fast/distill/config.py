@@ -172,7 +172,9 @@ class DistillConfig:
     backend: Backend = "auto"  # op backend (datm_fast.backend_info()): auto picks the fastest live one
     device: str = "auto"  # torch device ("cuda", "cuda:1", "cpu"); auto = cuda when available, else cpu
     memory_budget_gb: float | None = None  # GiB; exact runs the full-graph engine when its estimate fits; None = never
-    micro_batch: int | None = None  # images per forward/backward chunk inside an inner step; None = whole batch
+    micro_batch: int | None = (
+        None  # most images per forward/backward chunk of an inner step; None = auto (<= 256 MiB graph)
+    )
     checkpoint_every: int = 500  # iterations between resumable checkpoints in out_dir; 0 = none
     out_dir: str | None = None  # run directory (config, checkpoints, images); None = the caller decides
 

@@ -64,6 +64,7 @@ __all__ = [
     "soft_cross_entropy",
     "trajectory_matching_loss",
     "estimate_full_unroll_bytes",
+    "auto_micro_batch",
 ]
 
 Unroll = Literal["exact", "full", "tesla"]
@@ -161,10 +162,16 @@ def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
 
 
 def _step_loss(
-    spec: ConvNetSpec, params: Tensor, images: Tensor, labels: Tensor, augment: DSAParams | None, batch_size: int
+    spec: ConvNetSpec,
+    params: Tensor,
+    images: Tensor,
+    labels: Tensor,
+    augment: DSAParams | None,
+    batch_size: int,
+    kernels: _Kernels,
 ) -> Tensor:
     # The flat vector as views, for the full engine whose unroll differentiates through theta itself.
-    return _leaf_step_loss(spec, unflatten_params(spec, params), images, labels, augment, batch_size)
+    return _leaf_step_loss(spec, unflatten_params(spec, params), images, labels, augment, batch_size, kernels)
 
 
 def _leaves(spec: ConvNetSpec, theta: Tensor) -> list[Tensor]:
@@ -172,36 +179,78 @@ def _leaves(spec: ConvNetSpec, theta: Tensor) -> list[Tensor]:
     return [p.detach().requires_grad_(True) for p in unflatten_params(spec, theta)]
 
 
+@dataclass(frozen=True)
+class _Kernels:
+    """Which kernels the student network runs: the fused norm/ReLU/pool op or PyTorch's, and on what."""
+
+    fused: bool
+    backend: str  # of the fused block op: auto / torch / cpp / cuda
+
+
+def _kernels(fused: bool, backend: Backend) -> _Kernels:
+    # The distance op's backend may be "triton", which the block op lacks: it then picks its own.
+    return _Kernels(fused, backend if backend in ("torch", "cpp", "cuda") else "auto")
+
+
 def _leaf_step_loss(
-    spec: ConvNetSpec, leaves: list[Tensor], images: Tensor, labels: Tensor, augment: DSAParams | None, batch_size: int
+    spec: ConvNetSpec,
+    leaves: list[Tensor],
+    images: Tensor,
+    labels: Tensor,
+    augment: DSAParams | None,
+    batch_size: int,
+    kernels: _Kernels,
 ) -> Tensor:
     x = images if augment is None else apply_dsa(images, augment)
-    return soft_cross_entropy(convnet_apply(spec, leaves, x), labels) / batch_size
+    logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend)
+    return soft_cross_entropy(logits, labels) / batch_size
 
 
-def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None) -> list[slice]:
+def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None, dtype: torch.dtype) -> list[slice]:
     # Batch norm normalises with statistics over the whole batch: it cannot be split.
-    if micro_batch is None or spec.norm == "batch" or micro_batch >= batch_size:
+    if spec.norm == "batch":
         return [slice(0, batch_size)]
-    return [slice(s, min(s + micro_batch, batch_size)) for s in range(0, batch_size, micro_batch)]
+    limit = auto_micro_batch(spec, dtype) if micro_batch is None else micro_batch
+    if limit >= batch_size:
+        return [slice(0, batch_size)]
+    # Equal chunks (100 images under a limit of 30: 4 x 25, not 30 + 30 + 30 + 10).
+    chunks = -(-batch_size // limit)
+    size = -(-batch_size // chunks)
+    return [slice(s, min(s + size, batch_size)) for s in range(0, batch_size, size)]
 
 
 # ----- memory estimate for the budget switch ------------------------------------------------------------
-def estimate_full_unroll_bytes(spec: ConvNetSpec, batch_syn: int, syn_steps: int, dtype: torch.dtype) -> int:
-    """A conservative estimate of the memory the ``full`` engine's graph holds at its peak.
+def _graph_bytes_per_sample(spec: ConvNetSpec, dtype: torch.dtype) -> int:
+    """A conservative bound on what one sample's double-differentiable graph of one step holds.
 
-    Per sample and step the double-differentiable graph keeps about 12 tensors the size of each
-    block's conv output (conv input/output, norm statistics and output, activation, pooling, and the
-    same again for the create_graph backward); measured on CPU for ConvNet-3 width 128 at 32 px:
-    about 0.31 GB per step at batch 100 in float32, i.e. 3.1 MB per sample-step, which this formula
-    (12 x 128 x (32*32 + 16*16 + 8*8) x 4 B = 8.3 MB) bounds from above with margin.
+    About 12 tensors the size of each block's conv output (conv input/output, norm statistics and
+    output, activation, pooling, and the same again for the create_graph backward); measured on CPU
+    for ConvNet-3 width 128 at 32 px: 3.1 MB per sample-step (0.31 GB per step at batch 100, float32),
+    which this bound (12 x 128 x (32*32 + 16*16 + 8*8) x 4 B = 8.3 MB) covers with margin.
     """
-    per_sample = 0
-    for layer in spec.layers:
-        c, h, w = layer.conv_shape
-        per_sample += c * h * w
+    per_sample = sum(c * h * w for c, h, w in (layer.conv_shape for layer in spec.layers))
+    return 12 * per_sample * torch.empty((), dtype=dtype).element_size()
+
+
+# The graph of one micro-batch of the exact and tesla engines, at most (by the bound above): 256 MiB.
+# ConvNet-3 width 128 at 32 px gets 30 images, so CIFAR-10 IPC 10 (batch 100) runs as 4 x 25 and
+# peaks at 0.79 GB on CPU, where the whole batch peaked at 1.60 GB at the same speed (60.2 against
+# 60.8 s per iteration, benchmarks/RESULTS.md); IPC 1 (batch 10) stays whole.
+AUTO_MICRO_BATCH_BYTES = 256 * 2**20
+
+
+def auto_micro_batch(spec: ConvNetSpec, dtype: torch.dtype) -> int:
+    """The micro-batch ``micro_batch=None`` means: the most images whose step graph fits in 256 MiB."""
+    return max(1, AUTO_MICRO_BATCH_BYTES // _graph_bytes_per_sample(spec, dtype))
+
+
+def estimate_full_unroll_bytes(spec: ConvNetSpec, batch_syn: int, syn_steps: int, dtype: torch.dtype) -> int:
+    """A conservative estimate of the memory the ``full`` engine's graph holds at its peak: the
+    per-sample step graph (see ``_graph_bytes_per_sample``) for every sample and step, plus two
+    parameter vectors per step."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return int(12 * per_sample * itemsize * batch_syn * syn_steps + 2 * syn_steps * spec.num_params * itemsize)
+    per_sample = _graph_bytes_per_sample(spec, dtype)
+    return int(per_sample * batch_syn * syn_steps + 2 * syn_steps * spec.num_params * itemsize)
 
 
 # ----- the engines ------------------------------------------------------------------------------------
@@ -214,12 +263,13 @@ def _full_unroll(
     lr: Tensor,
     plan: UnrollPlan,
     backend: Backend,
+    kernels: _Kernels,
 ) -> Tensor:
     theta = start.detach().requires_grad_(True)
     params = theta
     for step in plan.steps:
         x, y = images[step.indices], labels[step.indices]
-        loss = _step_loss(spec, params, x, y, step.augment, int(step.indices.numel()))
+        loss = _step_loss(spec, params, x, y, step.augment, int(step.indices.numel()), kernels)
         (grad,) = torch.autograd.grad(loss, params, create_graph=True)
         params = params - lr * grad
     return matching_loss(params, start.detach(), target.detach(), backend=backend)
@@ -233,6 +283,7 @@ def _rollout(
     lr: Tensor,
     plan: UnrollPlan,
     micro_batch: int | None,
+    kernels: _Kernels,
 ) -> tuple[Tensor, Tensor]:
     """Forward pass without a graph: returns ``thetas`` (N, P) holding theta_0 .. theta_{N-1}, and theta_N."""
     thetas = start.new_empty((len(plan), start.numel()))
@@ -242,12 +293,12 @@ def _rollout(
         thetas[i] = theta
         batch = int(step.indices.numel())
         grad = torch.zeros_like(theta)
-        for mb in _micro_batches(spec, batch, micro_batch):
+        for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
             idx = step.indices[mb]
             aug = None if step.augment is None else step.augment[mb]
             with torch.enable_grad():
                 leaves = _leaves(spec, theta)
-                loss = _leaf_step_loss(spec, leaves, images[idx], labels[idx], aug, batch)
+                loss = _leaf_step_loss(spec, leaves, images[idx], labels[idx], aug, batch, kernels)
                 grad += flatten_params(list(torch.autograd.grad(loss, leaves)))
         theta = theta - lr_value * grad
     return thetas, theta
@@ -257,14 +308,14 @@ class _CheckpointedUnroll(torch.autograd.Function):
     """exact and tesla: forward rolls out without a graph, backward replays each step."""
 
     @staticmethod
-    def forward(ctx, images, labels, lr, start, target, spec, plan, micro_batch, unroll, backend):
+    def forward(ctx, images, labels, lr, start, target, spec, plan, micro_batch, unroll, backend, kernels):
         images_d, labels_d, lr_d = images.detach(), labels.detach(), lr.detach()
-        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, micro_batch)
+        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, micro_batch, kernels)
         with torch.enable_grad():
             final = theta_n.detach().requires_grad_(True)
             loss = matching_loss(final, start.detach(), target.detach(), backend=backend)
             (lam,) = torch.autograd.grad(loss, final)
-        ctx.spec, ctx.plan, ctx.micro_batch, ctx.unroll = spec, plan, micro_batch, unroll
+        ctx.spec, ctx.plan, ctx.micro_batch, ctx.unroll, ctx.kernels = spec, plan, micro_batch, unroll, kernels
         ctx.save_for_backward(images_d, labels_d, lr_d, lam, thetas)
         return loss.detach()
 
@@ -283,14 +334,14 @@ class _CheckpointedUnroll(torch.autograd.Function):
             batch = int(step.indices.numel())
             hvp = torch.zeros_like(lam) if exact else None
             lam_parts = unflatten_params(spec, lam)
-            for mb in _micro_batches(spec, batch, micro_batch):
+            for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
                 idx = step.indices[mb]
                 aug = None if step.augment is None else step.augment[mb]
                 with torch.enable_grad():
                     leaves = _leaves(spec, thetas[i])
                     x = images[idx].requires_grad_(need_x)
                     y = labels[idx].requires_grad_(need_y)
-                    loss = _leaf_step_loss(spec, leaves, x, y, aug, batch)
+                    loss = _leaf_step_loss(spec, leaves, x, y, aug, batch, ctx.kernels)
                     gs = torch.autograd.grad(loss, leaves, create_graph=True)
                     dot = sum(torch.dot(g.reshape(-1), lp.reshape(-1)) for g, lp in zip(gs, lam_parts))
                     wrt = (leaves if exact else []) + [t for t, need in ((x, need_x), (y, need_y)) if need]
@@ -322,6 +373,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -343,6 +395,7 @@ def trajectory_matching_loss(
     micro_batch: int | None = None,
     memory_budget: int | None = None,
     backend: Backend = "auto",
+    fused: bool = True,
 ) -> Tensor:
     """DATM's matching loss of one unroll; ``loss.backward()`` fills the grads of images, labels, lr.
 
@@ -357,11 +410,16 @@ def trajectory_matching_loss(
             :func:`make_unroll_plan`) when ``plan`` is not given.
         plan: a pre-drawn :class:`UnrollPlan` (then the five arguments above are not needed).
         unroll: ``"exact"`` (default), ``"full"`` (reference) or ``"tesla"`` (approximate).
-        micro_batch: split each step's batch into chunks of this many images in ``exact``/``tesla``
-            (None: no split). Bounds memory independently of ``batch_syn``; ignored with batch norm.
+        micro_batch: split each step's batch into chunks of at most this many images in
+            ``exact``/``tesla``, so that memory does not grow with ``batch_syn``; ignored with batch
+            norm. None (default): :func:`auto_micro_batch`, the most images whose step graph fits in
+            256 MiB (30 for the CIFAR ConvNet; Tiny ImageNet's ConvNetD4: 7).
         memory_budget: bytes; when :func:`estimate_full_unroll_bytes` fits in it, ``exact`` runs the
             ``full`` engine instead (same gradient, less recomputation).
-        backend: backend of the fused distance op.
+        backend: backend of the fused ops (the distance, and the norm/ReLU/pool block).
+        fused: run each instance norm -> ReLU -> 2x2 average pool block of the student as one fused
+            op with fused backward and double-backward kernels (:func:`datm_fast.ops.norm_relu_pool`);
+            False runs PyTorch's ops. Same gradient to rounding; other architectures ignore it.
 
     Returns:
         The 0-dim loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
@@ -417,8 +475,9 @@ def trajectory_matching_loss(
         batch = max(int(s.indices.numel()) for s in plan.steps)
         if estimate_full_unroll_bytes(spec, batch, len(plan), images.dtype) <= memory_budget:
             unroll = "full"
+    kernels = _kernels(fused, backend)
     if unroll == "full":
-        return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, backend)
+        return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, backend, kernels)
     return _CheckpointedUnroll.apply(
-        images, labels, lr, start_params, target_params, spec, plan, micro_batch, unroll, backend
+        images, labels, lr, start_params, target_params, spec, plan, micro_batch, unroll, backend, kernels
     )

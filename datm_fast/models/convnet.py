@@ -382,12 +382,18 @@ def convnet_forward(spec: ConvNetSpec, flat_params: torch.Tensor, x: torch.Tenso
     return convnet_apply(spec, unflatten_params(spec, flat_params), x)
 
 
-def convnet_apply(spec: ConvNetSpec, params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+def convnet_apply(
+    spec: ConvNetSpec, params: Sequence[torch.Tensor], x: torch.Tensor, *, fused: bool = False, backend: str = "auto"
+) -> torch.Tensor:
     """:func:`convnet_forward` with the parameters as separate tensors (``unflatten_params`` order).
 
     Differentiating with respect to separate leaf tensors avoids what a flat vector costs in every
     backward: each view's gradient is scattered into a zero-filled copy of the whole vector (one
     per parameter tensor, 14 for ConvNet-3), which the unroll engines would pay at every step.
+
+    ``fused=True`` runs each instance norm -> ReLU -> 2x2 average pool block as one fused op
+    (:func:`datm_fast.ops.norm_relu_pool`, on ``backend``), with fused backward and double-backward
+    kernels; other architectures ignore it. Same values to rounding.
     """
     if x.dim() != 4 or tuple(x.shape[1:]) != spec.input_shape:
         raise ValueError(
@@ -397,9 +403,16 @@ def convnet_apply(spec: ConvNetSpec, params: Sequence[torch.Tensor], x: torch.Te
         raise ValueError(f"convnet_apply: expected {len(spec._params)} parameter tensors, got {len(params)}")
     i = 0
     h = x
+    fuse = fused and spec.norm == "instance" and spec.activation == "relu" and spec.pooling == "avg"
     for layer in spec.layers:
         h = F.conv2d(h, params[i], params[i + 1], padding=layer.padding)
         i += 2
+        if fuse:
+            from ..ops import norm_relu_pool  # late: models must import without the ops machinery
+
+            h = norm_relu_pool(h, params[i], params[i + 1], NORM_EPS, backend=backend)
+            i += 2
+            continue
         if spec.norm != "none":
             h = _norm(spec, h, params[i], params[i + 1])
             i += 2

@@ -1,0 +1,348 @@
+// CPU launchers of the fused ConvNet block epilogue (instance norm -> ReLU -> 2x2 average pool): forward,
+// backward and double backward, plus the schemas of the three operators. The per-element and
+// per-plane arithmetic is in block.h, shared with block_cuda.cu.
+//
+// Why fused: in the exact unroll engine (IPC 1, 80 steps) the elementwise ops of PyTorch's
+// group-norm double backward and the pooling cost 39% of an iteration on the 2-core CPU (profile in
+// benchmarks/NOTES.md); PyTorch makes a pass over the activation per op. Here one (sample, channel)
+// plane (at most 32 x 32 floats = 4 KB for CIFAR) is the unit of work: its first pass reads it from
+// memory, the following passes find it in L1.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "block.h"
+
+namespace datm_fast {
+namespace {
+
+struct PlaneShape {
+  int64_t B, C, H, W, Ho, Wo;
+  int64_t planes() const { return B * C; }
+  int64_t M() const { return H * W; }
+  int64_t Mo() const { return Ho * Wo; }
+};
+
+PlaneShape check_block_z(const char* op, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta) {
+  TORCH_CHECK(z.dim() == 4, op, ": z must be (B, C, H, W), got shape ", z.sizes());
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op,
+              ": expected float32 or float64, got ", z.scalar_type());
+  const int64_t C = z.size(1);
+  TORCH_CHECK(z.size(2) >= 2 && z.size(3) >= 2, op, ": H and W must be at least 2 for 2x2 pooling, got ",
+              z.sizes());
+  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == C && beta.dim() == 1 && beta.size(0) == C, op,
+              ": gamma and beta must have shape (", C, "), got ", gamma.sizes(), " and ", beta.sizes());
+  TORCH_CHECK(gamma.scalar_type() == z.scalar_type() && beta.scalar_type() == z.scalar_type(), op,
+              ": gamma and beta must have z's dtype ", z.scalar_type());
+  TORCH_CHECK(gamma.device() == z.device() && beta.device() == z.device(), op, ": tensors must be on one device");
+  return {z.size(0), C, z.size(2), z.size(3), z.size(2) / 2, z.size(3) / 2};
+}
+
+void check_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& z) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == z.scalar_type() && t.device() == z.device(), op, ": ", name,
+              " must have z's dtype and device");
+}
+
+// Work per parallel task: at least ~16K elements, so that the 4x4 planes of the last block are not
+// scheduled one by one.
+int64_t plane_grain(const PlaneShape& s) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.M())); }
+
+// ----- plane kernels: one range of (sample, channel) planes, NCHW contiguous ---------------------------
+// Compiled once per instruction set (AVX-512, AVX2 + FMA, baseline) and picked at load time (GCC
+// function multi-versioning), so the portable wheel still runs the elementwise loops 16 floats wide
+// on this machine: measured on the 2-core AVX-512 VM at (10, 128, 32, 32) float32, backward
+// {bwd_sse} ms with baseline SSE2 code against {bwd_avx} ms.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DATM_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DATM_CPU_CLONES
+#endif
+#define DATM_ALWAYS_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct BlockArgs {
+  PlaneShape s;
+  const T* z;
+  const T* gamma;
+  const T* beta;
+  T* mean;  // written by the forward, read by the others
+  T* rstd;
+  const T* grad_out;  // (B, C, Ho, Wo)
+  const T* u;         // double backward: adjoints of dz, dgamma, dbeta
+  const T* u_gamma;
+  const T* u_beta;
+  T* out;      // forward: pooled output; backward: dz; double backward: d_z
+  T* out2;     // backward: sum_gn; double backward: d_grad_out
+  T* out3;     // backward: sum_gn_xhat; double backward: d_gamma per plane
+  T eps;
+};
+
+template <typename T>
+DATM_ALWAYS_INLINE void forward_planes_impl(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* row) {
+  const PlaneShape& s = a.s;
+  const int64_t M = s.M(), W = s.W;
+  for (int64_t pl = p0; pl < p1; ++pl) {
+    const T* x = a.z + pl * M;
+    // Two passes (mean, then squared deviations), as stable as aten's; the second reads from L1.
+    T acc = 0;
+    _Pragma("omp simd reduction(+ : acc)") for (int64_t k = 0; k < M; ++k) acc += x[k];
+    const T mu = acc / static_cast<T>(M);
+    acc = 0;
+    _Pragma("omp simd reduction(+ : acc)") for (int64_t k = 0; k < M; ++k) acc += (x[k] - mu) * (x[k] - mu);
+    const T r = T(1) / std::sqrt(acc / static_cast<T>(M) + a.eps);
+    a.mean[pl] = mu;
+    a.rstd[pl] = r;
+    const BlockPlane<T> prm{mu, r, a.gamma[pl % s.C], a.beta[pl % s.C]};
+    T* o = a.out + pl * s.Mo();
+    for (int64_t i = 0; i < s.Ho; ++i) {
+      // Activations of the window's two rows summed column by column (vectorised), then pairs of columns.
+      const T* r0 = x + 2 * i * W;
+      const T* r1 = r0 + W;
+      const int64_t Wp = 2 * s.Wo;
+      _Pragma("omp simd") for (int64_t j = 0; j < Wp; ++j) row[j] =
+          block_activation(block_xhat(r0[j], prm), prm) + block_activation(block_xhat(r1[j], prm), prm);
+      T* orow = o + i * s.Wo;
+      for (int64_t j = 0; j < s.Wo; ++j) orow[j] = T(0.25) * (row[2 * j] + row[2 * j + 1]);
+    }
+  }
+}
+
+template <typename T>
+DATM_ALWAYS_INLINE void backward_planes_impl(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* ge) {
+  const PlaneShape& s = a.s;
+  const int64_t M = s.M(), H = s.H, W = s.W, Wp = 2 * s.Wo;
+  for (int64_t pl = p0; pl < p1; ++pl) {
+    const BlockPlane<T> prm{a.mean[pl], a.rstd[pl], a.gamma[pl % s.C], a.beta[pl % s.C]};
+    const T* x = a.z + pl * M;
+    const T* g = a.grad_out + pl * s.Mo();
+    T* d = a.out + pl * M;
+    // Pass 1: gn into dz's memory (zero outside the pooling windows), and its two plane sums.
+    T s1 = 0, s2 = 0;
+    for (int64_t i = 0; i < H; ++i) {
+      const T* xr = x + i * W;
+      T* dr = d + i * W;
+      if (i >= 2 * s.Ho) {
+        std::fill(dr, dr + W, T(0));
+        continue;
+      }
+      // The pooled gradient row spread over the window columns first, so that the loop below
+      // vectorises (no j / 2 gather), its two sums as SIMD reductions.
+      const T* gr = g + (i / 2) * s.Wo;
+      for (int64_t j = 0; j < s.Wo; ++j) ge[2 * j] = ge[2 * j + 1] = gr[j];
+      _Pragma("omp simd reduction(+ : s1, s2)") for (int64_t j = 0; j < Wp; ++j) {
+        const T xh = block_xhat(xr[j], prm);
+        const T gn = block_gn(xh, ge[j], prm);
+        dr[j] = gn;
+        s1 += gn;
+        s2 += gn * xh;
+      }
+      for (int64_t j = Wp; j < W; ++j) dr[j] = 0;
+    }
+    a.out2[pl] = s1;
+    a.out3[pl] = s2;
+    const T m1 = s1 / static_cast<T>(M), m2 = s2 / static_cast<T>(M);
+    // Pass 2 (from L1): dz = gamma * r * (gn - mean(gn) - xhat * mean(gn * xhat)).
+    _Pragma("omp simd") for (int64_t k = 0; k < M; ++k) d[k] = block_grad_z(d[k], block_xhat(x[k], prm), prm, m1, m2);
+  }
+}
+
+template <typename T>
+DATM_ALWAYS_INLINE void double_backward_planes_impl(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* ge, T* ga2) {
+  const PlaneShape& s = a.s;
+  const int64_t M = s.M(), H = s.H, W = s.W;
+  for (int64_t pl = p0; pl < p1; ++pl) {
+    const int64_t c = pl % s.C;
+    const BlockPlane<T> prm{a.mean[pl], a.rstd[pl], a.gamma[c], a.beta[c]};
+    const T* x = a.z + pl * M;
+    const T* uu = a.u + pl * M;
+    const T* g = a.grad_out + pl * s.Mo();
+    T* dzl = a.out + pl * M;
+    T* dg = a.out2 + pl * s.Mo();
+    // Pass 1: gn (kept in d_z's memory) and the five plane sums.
+    T s_gn = 0, s_gn_xhat = 0, s_u = 0, s_u_xhat = 0, s_u_gn = 0;
+    for (int64_t i = 0; i < H; ++i) {
+      const T* xr = x + i * W;
+      const T* ur = uu + i * W;
+      T* gr_out = dzl + i * W;
+      // ge: the pooled gradient spread over the window columns, zero outside the windows.
+      if (i < 2 * s.Ho) {
+        const T* gr = g + (i / 2) * s.Wo;
+        for (int64_t j = 0; j < s.Wo; ++j) ge[2 * j] = ge[2 * j + 1] = gr[j];
+        for (int64_t j = 2 * s.Wo; j < W; ++j) ge[j] = 0;
+      } else {
+        std::fill(ge, ge + W, T(0));
+      }
+      _Pragma("omp simd reduction(+ : s_gn, s_gn_xhat, s_u, s_u_xhat, s_u_gn)") for (int64_t j = 0; j < W; ++j) {
+        const T xh = block_xhat(xr[j], prm);
+        const T gn = block_gn(xh, ge[j], prm);
+        gr_out[j] = gn;
+        s_gn += gn;
+        s_gn_xhat += gn * xh;
+        s_u += ur[j];
+        s_u_xhat += ur[j] * xh;
+        s_u_gn += ur[j] * gn;
+      }
+    }
+    const BlockDoubleBackwardSums<T> sums{s_gn, s_gn_xhat, s_u, s_u_xhat, s_u_gn};
+    const T u_gamma = a.u_gamma[c], u_beta = a.u_beta[c];
+    const BlockDoubleBackwardPlane<T> q = block_double_backward_plane(sums, M, prm, u_gamma);
+    a.out3[pl] = q.d_gamma;
+    // Pass 2 (from L1): d_z over gn, and the window sums of the pre-pooling adjoint into d_grad_out.
+    for (int64_t i = 0; i < H; ++i) {
+      const T* xr = x + i * W;
+      const T* ur = uu + i * W;
+      T* dr = dzl + i * W;
+      T* ga = ga2 + (i % 2) * W;
+      _Pragma("omp simd") for (int64_t j = 0; j < W; ++j) {
+        T ga_adj, z_adj;
+        block_double_backward_element(ur[j], block_xhat(xr[j], prm), dr[j], prm, q, u_gamma, u_beta, ga_adj, z_adj);
+        ga[j] = ga_adj;
+        dr[j] = z_adj;
+      }
+      if (i % 2 == 1 && i < 2 * s.Ho) {
+        const T* ga0 = ga2;
+        const T* ga1 = ga2 + W;
+        T* dgr = dg + (i / 2) * s.Wo;
+        for (int64_t j = 0; j < s.Wo; ++j) dgr[j] = T(0.25) * (ga0[2 * j] + ga0[2 * j + 1] + ga1[2 * j] + ga1[2 * j + 1]);
+      }
+    }
+  }
+}
+
+#define DATM_BLOCK_KERNELS(T)                                                                              \
+  DATM_CPU_CLONES void forward_planes(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* row) {             \
+    forward_planes_impl(a, p0, p1, row);                                                                   \
+  }                                                                                                        \
+  DATM_CPU_CLONES void backward_planes(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* ge) {             \
+    backward_planes_impl(a, p0, p1, ge);                                                                   \
+  }                                                                                                        \
+  DATM_CPU_CLONES void double_backward_planes(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* ge, T* ga) { \
+    double_backward_planes_impl(a, p0, p1, ge, ga);                                                        \
+  }
+DATM_BLOCK_KERNELS(float)
+DATM_BLOCK_KERNELS(double)
+#undef DATM_BLOCK_KERNELS
+
+// ----- launchers ----------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_forward_cpu(const at::Tensor& z_in, const at::Tensor& gamma_in,
+                                                                 const at::Tensor& beta_in, double eps) {
+  const PlaneShape s = check_block_z("block_forward", z_in, gamma_in, beta_in);
+  const at::Tensor z = z_in.contiguous(), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
+  at::Tensor out = at::empty({s.B, s.C, s.Ho, s.Wo}, z.options());
+  at::Tensor mean = at::empty({s.B, s.C}, z.options());
+  at::Tensor rstd = at::empty({s.B, s.C}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_forward_cpu", [&] {
+    BlockArgs<scalar_t> a{};
+    a.s = s;
+    a.z = z.data_ptr<scalar_t>();
+    a.gamma = gamma.data_ptr<scalar_t>();
+    a.beta = beta.data_ptr<scalar_t>();
+    a.mean = mean.data_ptr<scalar_t>();
+    a.rstd = rstd.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.eps = static_cast<scalar_t>(eps);
+    at::parallel_for(0, s.planes(), plane_grain(s), [&](int64_t p0, int64_t p1) {
+      std::vector<scalar_t> row(static_cast<size_t>(s.W));
+      forward_planes(a, p0, p1, row.data());
+    });
+  });
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(const at::Tensor& gp_in, const at::Tensor& z_in,
+                                                                  const at::Tensor& gamma_in,
+                                                                  const at::Tensor& beta_in,
+                                                                  const at::Tensor& mean_in,
+                                                                  const at::Tensor& rstd_in) {
+  const PlaneShape s = check_block_z("block_backward", z_in, gamma_in, beta_in);
+  check_like("block_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
+  check_like("block_backward", "mean", mean_in, {s.B, s.C}, z_in);
+  check_like("block_backward", "rstd", rstd_in, {s.B, s.C}, z_in);
+  const at::Tensor gpool = gp_in.contiguous(), z = z_in.contiguous(), gamma = gamma_in.contiguous(),
+                   beta = beta_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor dz = at::empty_like(z);
+  at::Tensor sum_gn = at::empty({s.B, s.C}, z.options());
+  at::Tensor sum_gn_xhat = at::empty({s.B, s.C}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_backward_cpu", [&] {
+    BlockArgs<scalar_t> a{};
+    a.s = s;
+    a.z = z.data_ptr<scalar_t>();
+    a.gamma = gamma.data_ptr<scalar_t>();
+    a.beta = beta.data_ptr<scalar_t>();
+    a.mean = const_cast<scalar_t*>(mean.data_ptr<scalar_t>());
+    a.rstd = const_cast<scalar_t*>(rstd.data_ptr<scalar_t>());
+    a.grad_out = gpool.data_ptr<scalar_t>();
+    a.out = dz.data_ptr<scalar_t>();
+    a.out2 = sum_gn.data_ptr<scalar_t>();
+    a.out3 = sum_gn_xhat.data_ptr<scalar_t>();
+    at::parallel_for(0, s.planes(), plane_grain(s), [&](int64_t p0, int64_t p1) {
+      std::vector<scalar_t> ge(static_cast<size_t>(s.W));
+      backward_planes(a, p0, p1, ge.data());
+    });
+  });
+  return {dz, sum_gn, sum_gn_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cpu(
+    const at::Tensor& u_in, const at::Tensor& u_gamma_in, const at::Tensor& u_beta_in, const at::Tensor& gp_in,
+    const at::Tensor& z_in, const at::Tensor& gamma_in, const at::Tensor& beta_in, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in) {
+  const PlaneShape s = check_block_z("block_double_backward", z_in, gamma_in, beta_in);
+  check_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
+  check_like("block_double_backward", "u_gamma", u_gamma_in, {s.C}, z_in);
+  check_like("block_double_backward", "u_beta", u_beta_in, {s.C}, z_in);
+  check_like("block_double_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
+  check_like("block_double_backward", "mean", mean_in, {s.B, s.C}, z_in);
+  check_like("block_double_backward", "rstd", rstd_in, {s.B, s.C}, z_in);
+  const at::Tensor u = u_in.contiguous(), ug = u_gamma_in.contiguous(), ub = u_beta_in.contiguous(),
+                   gpool = gp_in.contiguous(), z = z_in.contiguous(), gamma = gamma_in.contiguous(),
+                   beta = beta_in.contiguous(), mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor d_gp = at::empty_like(gpool);
+  at::Tensor d_z = at::empty_like(z);
+  at::Tensor d_gamma = at::empty({s.B, s.C}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_double_backward_cpu", [&] {
+    BlockArgs<scalar_t> a{};
+    a.s = s;
+    a.z = z.data_ptr<scalar_t>();
+    a.gamma = gamma.data_ptr<scalar_t>();
+    a.beta = beta.data_ptr<scalar_t>();
+    a.mean = const_cast<scalar_t*>(mean.data_ptr<scalar_t>());
+    a.rstd = const_cast<scalar_t*>(rstd.data_ptr<scalar_t>());
+    a.grad_out = gpool.data_ptr<scalar_t>();
+    a.u = u.data_ptr<scalar_t>();
+    a.u_gamma = ug.data_ptr<scalar_t>();
+    a.u_beta = ub.data_ptr<scalar_t>();
+    a.out = d_z.data_ptr<scalar_t>();
+    a.out2 = d_gp.data_ptr<scalar_t>();
+    a.out3 = d_gamma.data_ptr<scalar_t>();
+    at::parallel_for(0, s.planes(), plane_grain(s), [&](int64_t p0, int64_t p1) {
+      std::vector<scalar_t> ge(static_cast<size_t>(s.W)), ga(static_cast<size_t>(2 * s.W));
+      double_backward_planes(a, p0, p1, ge.data(), ga.data());
+    });
+  });
+  return {d_gp, d_z, d_gamma};
+}
+
+}  // namespace
+}  // namespace datm_fast
+
+TORCH_LIBRARY_FRAGMENT(datm_fast, m) {
+  m.def("block_forward(Tensor z, Tensor gamma, Tensor beta, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "block_backward(Tensor grad_out, Tensor z, Tensor gamma, Tensor beta, Tensor mean, Tensor rstd) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "block_double_backward(Tensor u, Tensor u_gamma, Tensor u_beta, Tensor grad_out, Tensor z, Tensor gamma, "
+      "Tensor beta, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(datm_fast, CPU, m) {
+  m.impl("block_forward", &datm_fast::block_forward_cpu);
+  m.impl("block_backward", &datm_fast::block_backward_cpu);
+  m.impl("block_double_backward", &datm_fast::block_double_backward_cpu);
+}

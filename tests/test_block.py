@@ -1,0 +1,207 @@
+"""The fused ConvNet block epilogue (instance norm -> ReLU -> 2x2 average pool): every backend against
+the autograd of PyTorch's composite, in float64 for exactness and float32 for the fast path."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import datm_fast
+from datm_fast.models import ConvNetSpec, convnet_apply, init_flat_params, unflatten_params
+from datm_fast.ops import norm_relu_pool
+from datm_fast.reference.block import (
+    block_backward_reference,
+    block_double_backward_reference,
+    block_forward_reference,
+    norm_relu_pool_reference,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_BACKENDS = ["torch"] + (["cpp"] if datm_fast.backend_info()["cpp"].live else [])
+# Odd sizes: avg_pool2d floors, so the last row / column lies outside every window.
+SHAPES = [(3, 4, 8, 8), (2, 3, 7, 5), (1, 2, 2, 2), (2, 5, 33, 32), (4, 16, 4, 4)]
+
+
+def _inputs(shape, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = shape
+    z = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 2 + 0.5
+    gamma = torch.randn(C, generator=g, dtype=torch.float64)
+    beta = torch.randn(C, generator=g, dtype=torch.float64) * 0.3
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in (z, gamma, beta)]
+
+
+def _three_orders(fn, z, gamma, beta, seed=1):
+    """Output, gradients (z, gamma, beta) for a random output adjoint, and the second-order adjoints
+    (grad_out, z, gamma) of a random combination of those gradients: what the exact engine needs."""
+    g = torch.Generator().manual_seed(seed)
+    out = fn(z, gamma, beta)
+    # Drawn in float64 and cast, so that float32 and float64 calls see the same adjoints.
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out).requires_grad_()
+    grads = torch.autograd.grad(out, (z, gamma, beta), grad_out, create_graph=True)
+    adjoints = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in grads]
+    dot = sum((a * b).sum() for a, b in zip(grads, adjoints))
+    second = torch.autograd.grad(dot, (grad_out, z, gamma))
+    return [out.detach(), *[t.detach() for t in grads], *second]
+
+
+def _max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_block_matches_autograd_of_pytorch_ops_in_float64(backend, shape):
+    """Forward, gradient and gradient-of-gradient to 1e-12 relative: the formulas are exact."""
+    z, gamma, beta = _inputs(shape, torch.float64)
+    ours = _three_orders(lambda *a: norm_relu_pool(*a, backend=backend), z, gamma, beta)
+    ref = _three_orders(norm_relu_pool_reference, z, gamma, beta)
+    for name, a, b in zip(["out", "dz", "dgamma", "dbeta", "d2 grad_out", "d2 z", "d2 gamma"], ours, ref):
+        assert _max_rel(a, b) < 1e-12, (name, _max_rel(a, b))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_gradcheck_and_gradgradcheck(backend):
+    z, gamma, beta = _inputs((2, 3, 6, 4), torch.float64)
+    fn = lambda *a: norm_relu_pool(*a, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z, gamma, beta))
+    assert torch.autograd.gradgradcheck(fn, (z, gamma, beta))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_block_float32_close_to_float64(backend):
+    """float32 kernels (vectorised sums in another order) within 1e-4 of the float64 reference."""
+    shape = (4, 32, 32, 32)
+    z, gamma, beta = _inputs(shape, torch.float32, seed=3)
+    ours = _three_orders(lambda *a: norm_relu_pool(*a, backend=backend), z, gamma, beta)
+    z64, g64, b64 = (t.detach().double().requires_grad_() for t in (z, gamma, beta))
+    ref = _three_orders(norm_relu_pool_reference, z64, g64, b64)
+    for a, b in zip(ours, ref):
+        assert _max_rel(a.double(), b) < 1e-4
+
+
+def test_closed_form_references_match_autograd():
+    """The reference formulas (the torch backend, and the spec of csrc/block.h) against autograd."""
+    z, gamma, beta = _inputs((2, 3, 7, 6), torch.float64)
+    out, mean, rstd = block_forward_reference(z.detach(), gamma.detach(), beta.detach())
+    assert _max_rel(out, norm_relu_pool_reference(z, gamma, beta).detach()) < 1e-13
+    gp = torch.randn_like(out)
+    dz, s1, s2 = block_backward_reference(gp, z.detach(), gamma.detach(), beta.detach(), mean, rstd)
+    rz, rg, rb = torch.autograd.grad(norm_relu_pool_reference(z, gamma, beta), (z, gamma, beta), gp)
+    assert _max_rel(dz, rz) < 1e-13 and _max_rel(s2.sum(0), rg) < 1e-13 and _max_rel(s1.sum(0), rb) < 1e-13
+    u, ug, ub = torch.randn_like(z), torch.randn_like(gamma), torch.randn_like(beta)
+    d_gp, d_z, d_gamma = block_double_backward_reference(
+        u, ug.detach(), ub.detach(), gp, z.detach(), gamma.detach(), beta.detach(), mean, rstd
+    )
+    gp_ = gp.clone().requires_grad_()
+    gz, gg, gb = torch.autograd.grad(norm_relu_pool_reference(z, gamma, beta), (z, gamma, beta), gp_, create_graph=True)
+    a_gp, a_z, a_g = torch.autograd.grad((gz * u).sum() + (gg * ug).sum() + (gb * ub).sum(), (gp_, z, gamma))
+    assert _max_rel(d_gp, a_gp) < 1e-13 and _max_rel(d_z, a_z) < 1e-13 and _max_rel(d_gamma.sum(0), a_g) < 1e-13
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="datm_fast._C is not built")
+def test_cpp_block_is_deterministic_and_thread_count_independent():
+    z, gamma, beta = _inputs((3, 8, 16, 16), torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _three_orders(lambda *a: norm_relu_pool(*a, backend="cpp"), z, gamma, beta)
+        torch.set_num_threads(2)
+        two = _three_orders(lambda *a: norm_relu_pool(*a, backend="cpp"), z, gamma, beta)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def test_block_rejects_bad_inputs():
+    z, gamma, beta = (t.detach() for t in _inputs((2, 3, 4, 4), torch.float32))
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        norm_relu_pool(z, gamma[:2], beta)
+    with pytest.raises(ValueError, match=r"z must be \(B, C, H, W\)"):
+        norm_relu_pool(z[0], gamma, beta)
+    with pytest.raises(ValueError, match="dtype"):
+        norm_relu_pool(z, gamma.double(), beta)
+    with pytest.raises(ValueError, match="no Triton kernel"):
+        norm_relu_pool(z, gamma, beta, backend="triton")
+
+
+@pytest.mark.parametrize("depth,image", [(3, 32), (2, 28)])
+def test_fused_convnet_equals_pytorch_convnet(depth, image):
+    """convnet_apply(fused=True) against the module-equivalent PyTorch path, logits and parameter grads."""
+    spec = ConvNetSpec(3, 10, image, width=16, depth=depth)
+    theta = init_flat_params(spec, torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(4, 3, image, image, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for fused in (False, True):
+        leaves = [p.detach().requires_grad_() for p in unflatten_params(spec, theta)]
+        logits = convnet_apply(spec, leaves, x, fused=fused)
+        grads = torch.autograd.grad(logits.square().sum(), leaves)
+        outs.append([logits.detach(), *grads])
+    for a, b in zip(*outs):
+        # The conv biases' gradients are zero up to rounding (instance norm removes a constant shift):
+        # compare against the largest gradient, not each tensor's own scale.
+        assert (a - b).abs().max() < 1e-12 * max(t.abs().max() for t in outs[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not datm_fast.backend_info()["cuda"].live, reason="no live CUDA backend (needs a GPU)")
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_cuda_block_matches_reference(dtype, tol):
+    for shape in SHAPES:
+        z, gamma, beta = _inputs(shape, dtype, device="cuda")
+        ours = _three_orders(lambda *a: norm_relu_pool(*a, backend="cuda"), z, gamma, beta)
+        z64, g64, b64 = (t.detach().cpu().double().requires_grad_() for t in (z, gamma, beta))
+        ref = _three_orders(norm_relu_pool_reference, z64, g64, b64)
+        for a, b in zip(ours, ref):
+            assert _max_rel(a.cpu().double(), b) < tol, shape
+
+
+# The torch headers that cuda_binding.cpp needs pull in CUDA libraries' headers (cuSPARSE, cuBLAS,
+# cuSOLVER) that a bare CUDA toolkit may lack; empty stand-ins let the C++ compiler check our code.
+_STUB_HEADERS = {
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t; typedef int cusparseStatus_t;",
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t; typedef int cublasStatus_t;",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;",
+    "cusolver_common.h": "typedef int cusolverStatus_t;",
+    "cusolverDn.h": '#include "cusolver_common.h"\ntypedef struct cusolverDnContext* cusolverDnHandle_t;',
+    "c10/cuda/impl/cuda_cmake_macros.h": "",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="nvcc or c++ missing")
+def test_cuda_binding_compiles_against_torch_headers(tmp_path):
+    """cuda_binding.cpp (torch <-> the CUDA launchers) is compiled in CI only on a CUDA build of torch;
+    here the C++ compiler checks it against the installed torch headers and the CUDA toolkit's."""
+    from torch.utils.cpp_extension import include_paths
+
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    homes += [str(Path(shutil.which("nvcc")).resolve().parents[1])]
+    cuda_include = next((Path(h) / "include" for h in homes if h and (Path(h) / "include").is_dir()), Path("/none"))
+    if not (cuda_include / "cuda_runtime_api.h").exists():
+        pytest.skip(f"no cuda_runtime_api.h under {cuda_include}")
+    for name, text in _STUB_HEADERS.items():
+        path = tmp_path / "stubs" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not (cuda_include / name).exists():
+            path.write_text("#pragma once\n" + text + "\n")
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", f"-I{REPO / 'csrc'}", f"-I{sysconfig.get_paths()['include']}"]
+    cmd += [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path / 'stubs'}", f"-I{cuda_include}"]
+    result = subprocess.run(cmd + [str(REPO / "csrc" / "cuda_binding.cpp")], capture_output=True, text=True)
+    missing = [line for line in result.stderr.splitlines() if "No such file or directory" in line]
+    if result.returncode != 0 and missing:
+        pytest.skip(f"a header torch needs is missing here: {missing[0]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_import_keeps_block_reference_free_of_compiled_code():
+    code = "import datm_fast.reference.block as b, sys; assert 'datm_fast._C' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
