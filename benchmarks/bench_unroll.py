@@ -25,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--configs", default=None, help="comma-separated; default depends on the device")
-    parser.add_argument("--engines", default="full,exact,tesla")
+    parser.add_argument(
+        "--engines", default="full,exact,tesla", help="comma-separated; NAME-aten = NAME without the fused kernels"
+    )
     parser.add_argument("--reduced", action="store_true", help="scale syn_steps to 1/10 (CPU overview)")
     parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first (0: time the first)")
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/unroll.json"))
     args = parser.parse_args(argv)
@@ -52,12 +55,21 @@ def main(argv: list[str] | None = None) -> int:
         shape = SHAPES[name].scaled(scale)
         results = {}
         for engine in args.engines.split(","):
+            # "exact-aten": the engine with PyTorch's ops for the norm/ReLU/pool blocks (no fused kernels).
+            base, fused = (engine[: -len("-aten")], False) if engine.endswith("-aten") else (engine, True)
             r = run_bench_isolated(
-                shape, engine, device=args.device, iterations=args.iterations, micro_batch=args.micro_batch
+                shape,
+                base,
+                device=args.device,
+                iterations=args.iterations,
+                warmup=args.warmup,
+                micro_batch=args.micro_batch,
+                fused=fused,
             )
+            r.engine = engine
             results[engine] = r
             rows.append(r.to_dict())
-            ref = upstream.get(name, {}).get(engine, "n/a")
+            ref = upstream.get(name, {}).get(base, "n/a")
             ref_text = "–" if ref == "n/a" else ("out of memory" if ref is None else f"{ref[0]:.2f} s, {ref[1]:.2f} GB")
             full = results.get("full")
             speed = (

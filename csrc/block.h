@@ -20,33 +20,55 @@ struct BlockPlane {
   T mean, rstd, gamma, beta;
 };
 
+// Each per-element function comes in two forms with one body: scalar arguments (what vectorised
+// channel loops call: no struct to privatise per SIMD lane) and a BlockPlane.
+template <typename T>
+DATM_HD T block_xhat(T z, T mean, T rstd) {
+  return (z - mean) * rstd;
+}
 template <typename T>
 DATM_HD T block_xhat(T z, const BlockPlane<T>& p) {
-  return (z - p.mean) * p.rstd;
+  return block_xhat(z, p.mean, p.rstd);
 }
 
 // The ReLU mask is decided in one way everywhere (forward, backward, double backward), so that the
 // three kernels agree on every element, including those whose normalised value rounds to zero.
 template <typename T>
+DATM_HD bool block_relu_on(T xhat, T gamma, T beta) {
+  return gamma * xhat + beta > T(0);
+}
+template <typename T>
 DATM_HD bool block_relu_on(T xhat, const BlockPlane<T>& p) {
-  return p.gamma * xhat + p.beta > T(0);
+  return block_relu_on(xhat, p.gamma, p.beta);
 }
 
 template <typename T>
+DATM_HD T block_activation(T xhat, T gamma, T beta) {
+  return block_relu_on(xhat, gamma, beta) ? gamma * xhat + beta : T(0);
+}
+template <typename T>
 DATM_HD T block_activation(T xhat, const BlockPlane<T>& p) {
-  return block_relu_on(xhat, p) ? p.gamma * xhat + p.beta : T(0);
+  return block_activation(xhat, p.gamma, p.beta);
 }
 
 // gn = [n > 0] * dL/dp / 4: the gradient that reaches the normalised value n of one element.
 template <typename T>
+DATM_HD T block_gn(T xhat, T grad_pooled, T gamma, T beta) {
+  return block_relu_on(xhat, gamma, beta) ? T(0.25) * grad_pooled : T(0);
+}
+template <typename T>
 DATM_HD T block_gn(T xhat, T grad_pooled, const BlockPlane<T>& p) {
-  return block_relu_on(xhat, p) ? T(0.25) * grad_pooled : T(0);
+  return block_gn(xhat, grad_pooled, p.gamma, p.beta);
 }
 
 // dz = gamma * r * (gn - mean(gn) - xhat * mean(gn * xhat)).
 template <typename T>
+DATM_HD T block_grad_z(T gn, T xhat, T gamma, T rstd, T mean_gn, T mean_gn_xhat) {
+  return gamma * rstd * (gn - mean_gn - xhat * mean_gn_xhat);
+}
+template <typename T>
 DATM_HD T block_grad_z(T gn, T xhat, const BlockPlane<T>& p, T mean_gn, T mean_gn_xhat) {
-  return p.gamma * p.rstd * (gn - mean_gn - xhat * mean_gn_xhat);
+  return block_grad_z(gn, xhat, p.gamma, p.rstd, mean_gn, mean_gn_xhat);
 }
 
 // Double backward. Inputs per plane: the adjoints u (of dz, per element), u_gamma and u_beta (of
@@ -87,14 +109,20 @@ DATM_HD BlockDoubleBackwardPlane<T> block_double_backward_plane(const BlockDoubl
 // Per element: the adjoint of the pooled-gradient input before pooling (ga_adj; the caller sums the
 // four of a window and divides by 4) and the adjoint of z.
 template <typename T>
+DATM_HD void block_double_backward_element(T u, T xhat, T gn, T gamma, T beta, T rstd, T U1, T U2, T Bm, T mean_v,
+                                           T mean_v_xhat, T rho_term, T u_gamma, T u_beta, T& ga_adj, T& z_adj) {
+  const T r = rstd;
+  const T t = r * (u - U1 - xhat * U2);
+  ga_adj = block_relu_on(xhat, gamma, beta) ? gamma * t + u_gamma * xhat + u_beta : T(0);
+  const T v = -r * (u * Bm + U2 * gamma * gn) + u_gamma * gn;
+  z_adj = r * (v - mean_v - xhat * mean_v_xhat) - rho_term * xhat;
+}
+template <typename T>
 DATM_HD void block_double_backward_element(T u, T xhat, T gn, const BlockPlane<T>& p,
                                            const BlockDoubleBackwardPlane<T>& q, T u_gamma, T u_beta, T& ga_adj,
                                            T& z_adj) {
-  const T r = p.rstd;
-  const T t = r * (u - q.U1 - xhat * q.U2);
-  ga_adj = block_relu_on(xhat, p) ? p.gamma * t + u_gamma * xhat + u_beta : T(0);
-  const T v = -r * (u * q.Bm + q.U2 * p.gamma * gn) + u_gamma * gn;
-  z_adj = r * (v - q.mean_v - xhat * q.mean_v_xhat) - q.rho_term * xhat;
+  block_double_backward_element(u, xhat, gn, p.gamma, p.beta, p.rstd, q.U1, q.U2, q.Bm, q.mean_v, q.mean_v_xhat,
+                                q.rho_term, u_gamma, u_beta, ga_adj, z_adj);
 }
 
 }  // namespace datm_fast

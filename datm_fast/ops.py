@@ -162,7 +162,6 @@ class _NormReluPoolBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, grad_out, z, gamma, beta, mean, rstd, backend):
-        grad_out = grad_out.contiguous()
         dz, sum_gn, sum_gn_xhat = _block_backward_impl(
             backend, grad_out.detach(), z.detach(), gamma.detach(), beta.detach(), mean, rstd
         )

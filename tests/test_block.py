@@ -29,10 +29,12 @@ CPU_BACKENDS = ["torch"] + (["cpp"] if datm_fast.backend_info()["cpp"].live else
 SHAPES = [(3, 4, 8, 8), (2, 3, 7, 5), (1, 2, 2, 2), (2, 5, 33, 32), (4, 16, 4, 4)]
 
 
-def _inputs(shape, dtype, device="cpu", seed=0):
+def _inputs(shape, dtype, device="cpu", seed=0, channels_last=False):
     g = torch.Generator().manual_seed(seed)
     B, C, H, W = shape
     z = torch.randn(B, C, H, W, generator=g, dtype=torch.float64) * 2 + 0.5
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
     gamma = torch.randn(C, generator=g, dtype=torch.float64)
     beta = torch.randn(C, generator=g, dtype=torch.float64) * 0.3
     return [t.to(device=device, dtype=dtype).requires_grad_() for t in (z, gamma, beta)]
@@ -56,15 +58,20 @@ def _max_rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_block_matches_autograd_of_pytorch_ops_in_float64(backend, shape):
-    """Forward, gradient and gradient-of-gradient to 1e-12 relative: the formulas are exact."""
-    z, gamma, beta = _inputs(shape, torch.float64)
+def test_block_matches_autograd_of_pytorch_ops_in_float64(backend, shape, layout):
+    """Forward, gradient and gradient-of-gradient to 1e-12 relative: the formulas are exact. The C++
+    backend has plane kernels (NCHW) and sample kernels (channels_last); outputs keep the layout."""
+    z, gamma, beta = _inputs(shape, torch.float64, channels_last=layout == "channels_last")
     ours = _three_orders(lambda *a: norm_relu_pool(*a, backend=backend), z, gamma, beta)
     ref = _three_orders(norm_relu_pool_reference, z, gamma, beta)
     for name, a, b in zip(["out", "dz", "dgamma", "dbeta", "d2 grad_out", "d2 z", "d2 gamma"], ours, ref):
         assert _max_rel(a, b) < 1e-12, (name, _max_rel(a, b))
+    if backend == "cpp" and layout == "channels_last" and shape[1] > 1:
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+        assert ours[1].is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -75,11 +82,12 @@ def test_block_gradcheck_and_gradgradcheck(backend):
     assert torch.autograd.gradgradcheck(fn, (z, gamma, beta))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_block_float32_close_to_float64(backend):
+def test_block_float32_close_to_float64(backend, layout):
     """float32 kernels (vectorised sums in another order) within 1e-4 of the float64 reference."""
     shape = (4, 32, 32, 32)
-    z, gamma, beta = _inputs(shape, torch.float32, seed=3)
+    z, gamma, beta = _inputs(shape, torch.float32, seed=3, channels_last=layout == "channels_last")
     ours = _three_orders(lambda *a: norm_relu_pool(*a, backend=backend), z, gamma, beta)
     z64, g64, b64 = (t.detach().double().requires_grad_() for t in (z, gamma, beta))
     ref = _three_orders(norm_relu_pool_reference, z64, g64, b64)
@@ -107,8 +115,9 @@ def test_closed_form_references_match_autograd():
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="datm_fast._C is not built")
-def test_cpp_block_is_deterministic_and_thread_count_independent():
-    z, gamma, beta = _inputs((3, 8, 16, 16), torch.float32)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpp_block_is_deterministic_and_thread_count_independent(layout):
+    z, gamma, beta = _inputs((3, 8, 16, 16), torch.float32, channels_last=layout == "channels_last")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
