@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                 w = torch.randn(128, cin, 3, 3, device=device).contiguous(memory_format=fmt).requires_grad_()
                 b = torch.randn(128, device=device)
                 gy = torch.randn(batch, 128, px, px, device=device).contiguous(memory_format=fmt)
-                fwd = _median_ms(lambda: F.conv2d(x, w, b, padding=1), args.repeats, sync)
+                fwd = _median_ms(lambda x=x, w=w, b=b: F.conv2d(x, w, b, padding=1), args.repeats, sync)
                 both = _median_ms(
-                    lambda: torch.autograd.grad(F.conv2d(x, w, b, padding=1), (x, w), gy), args.repeats, sync
+                    lambda x=x, w=w, b=b, gy=gy: torch.autograd.grad(F.conv2d(x, w, b, padding=1), (x, w), gy),
+                    args.repeats,
+                    sync,
                 )
                 flops = 2 * batch * 128 * cin * 9 * px * px
                 total_flops += 3 * flops
