@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(r.to_dict())
             ref = upstream.get(name, {}).get(base, "n/a")
             ref_text = "–" if ref == "n/a" else ("out of memory" if ref is None else f"{ref[0]:.2f} s, {ref[1]:.2f} GB")
+            if scale != 1.0 and ref_text != "–":
+                ref_text += f" (at {SHAPES[name].syn_steps} steps)"  # upstream's figures are at full size
             full = results.get("full")
             speed = (
                 f"{full.mean / r.mean:.2f}x"

@@ -194,7 +194,7 @@ def _kernels(fused: bool, backend: Backend, device: torch.device) -> _Kernels:
     # On CPU, oneDNN's convolutions are faster on channels_last activations, and the C++ block kernels
     # take them as they are. Measured 2026-12-03 (2 threads, exact engine, runs interleaved): CIFAR-10
     # IPC 10 at 8 steps 6.12 s against 6.63 s in NCHW with the fused kernels (8.5 against 10.1-10.7 s
-    # with PyTorch's ops); IPC 1 at 20 steps 1.56 against 1.60 s. The CUDA block kernels are NCHW.
+    # with PyTorch's ops); IPC 1 at 80 steps 6.3-7.2 s against 6.9-7.6 s. The CUDA kernels are NCHW.
     return _Kernels(fused, block_backend, channels_last=device.type == "cpu")
 
 
