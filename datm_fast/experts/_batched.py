@@ -14,8 +14,10 @@ Speed (CPU, CIFAR ConvNet, batch 256): the convolutions are not the only bottlen
 instance norm, ReLU and pooling around them took 60% of a training step in eager PyTorch (aten's
 ``native_group_norm_backward`` alone 26%, each op one pass over a 134 MB activation). A
 :class:`FusedBlock` computes norm -> ReLU -> 2x2 average pool (the default ConvNet's block) as one
-autograd function: on CPU with one-pass-per-sample C++ kernels (:mod:`datm_fast.experts._cpu_block`),
-elsewhere with ``torch.compile``-generated kernels. Both equal the aten ops to float rounding (tested).
+autograd function: on CPU with the compiled operators of ``datm_fast._C`` (``block_forward`` and
+``block_backward`` of ``csrc/block_cpu.cpp``: one pass per channels_last sample, the kernels the
+unroll engine uses too), elsewhere with ``torch.compile``-generated kernels. Both equal the aten ops
+to float rounding (tested).
 """
 
 from __future__ import annotations
@@ -163,25 +165,24 @@ class CompiledBlock(FusedBlock):
 
 
 class CpuBlock(FusedBlock):
-    """The block as hand-written one-pass-per-sample C++ kernels (:mod:`datm_fast.experts._cpu_block`)."""
+    """The block as the C++ operators of ``datm_fast._C`` (``torch.ops.datm_fast.block_forward`` /
+    ``block_backward``), on channels_last activations: one pass per sample (a CIFAR sample's first-layer
+    activation, 512 KB, stays in L2), where aten makes about 10 passes over the whole batch."""
 
     name = "cpp"
-
-    def __init__(self, module: object) -> None:
-        self._m = module
 
     def forward(self, h: Tensor, gamma: Tensor, beta: Tensor) -> tuple[Tensor, ...]:
         h = h.contiguous(memory_format=torch.channels_last)
         gamma, beta = gamma.detach(), beta.detach()
-        out, mean, rstd = self._m.block_forward(h, gamma, beta, NORM_EPS)  # type: ignore[attr-defined]
+        out, mean, rstd = torch.ops.datm_fast.block_forward(h, gamma, beta, NORM_EPS)
         return out, mean, rstd, gamma, beta
 
     def backward(self, g: Tensor, h: Tensor, *saved: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mean, rstd, gamma, beta = saved
         g = g.contiguous(memory_format=torch.channels_last)
         h = h.contiguous(memory_format=torch.channels_last)
-        dh, s1, s2 = self._m.block_backward(g, h, mean, rstd, gamma, beta)  # type: ignore[attr-defined]
-        return dh, s2.sum(0), s1.sum(0)
+        dh, sum_gn, sum_gn_xhat = torch.ops.datm_fast.block_backward(g, h, gamma, beta, mean, rstd)
+        return dh, sum_gn_xhat.sum(0), sum_gn.sum(0)
 
 
 def _own_copy(fn: Callable) -> Callable:
@@ -245,13 +246,13 @@ def make_fused_block(device: torch.device, kind: str = "auto") -> FusedBlock | N
     for c in candidates:
         try:
             if c == "cpp":
-                from ._cpu_block import load_cpu_block
+                from .._ext import extension_status
 
-                module = load_cpu_block()
-                if module is None:
-                    errors.append("cpp: could not build")
+                status = extension_status()
+                if not status.loaded:
+                    errors.append(f"cpp: datm_fast._C is not loaded ({status.error})")
                     continue
-                return _works(CpuBlock(module), device)
+                return _works(CpuBlock(), device)
             return _works(CompiledBlock(), device)
         except Exception as e:  # noqa: BLE001 - any failure of a compiler stack means: try the next one
             errors.append(f"{c}: {type(e).__name__}: {str(e)[:200]}")
