@@ -20,8 +20,9 @@ def test_quickstart_distilled_sets_beat_random_real(tmp_path, capsys):
     by_ipc = {r.ipc: r for r in rows}
     # IPC 1: one learned image per class with learned soft labels clearly beats one real image per class.
     assert by_ipc[1].distilled_mean > by_ipc[1].random_mean + 0.05, table
-    # IPC 10: the distilled set is at least as good as ten real images per class.
-    assert by_ipc[10].distilled_mean >= by_ipc[10].random_mean - 0.01, table
+    # IPC 10: ten real images per class already reach about 89% on digits; the distilled set (later,
+    # harder trajectory window) is measured 3 points above them (92.2 against 89.0, seed 0).
+    assert by_ipc[10].distilled_mean > by_ipc[10].random_mean + 0.02, table
     for r in rows:
         assert f"IPC {r.ipc}" in table and f"{100 * r.distilled_mean:.1f}" in table
         assert r.grid.exists() and r.report.exists()
