@@ -414,6 +414,20 @@ DATM_BLOCK_KERNELS(double)
 #undef DATM_BLOCK_KERNELS
 
 // ----- launchers ----------------------------------------------------------------------------------
+// The fields every kernel reads: shape, input, affine parameters and (after the forward) the statistics.
+template <typename T>
+BlockArgs<T> common_args(const PlaneShape& s, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta,
+                         const at::Tensor& mean, const at::Tensor& rstd) {
+  BlockArgs<T> a{};
+  a.s = s;
+  a.z = z.data_ptr<T>();
+  a.gamma = gamma.data_ptr<T>();
+  a.beta = beta.data_ptr<T>();
+  a.mean = const_cast<T*>(mean.data_ptr<T>());
+  a.rstd = const_cast<T*>(rstd.data_ptr<T>());
+  return a;
+}
+
 // channels_last input (and not also NCHW-contiguous, as for C == 1) takes the sample kernels, and every
 // output of the same shape keeps that layout; anything else is made NCHW-contiguous.
 bool use_channels_last(const at::Tensor& z) {
@@ -433,13 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_forward_cpu(const at::Tenso
   at::Tensor mean = at::empty({s.B, s.C}, z.options());
   at::Tensor rstd = at::empty({s.B, s.C}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_forward_cpu", [&] {
-    BlockArgs<scalar_t> a{};
-    a.s = s;
-    a.z = z.data_ptr<scalar_t>();
-    a.gamma = gamma.data_ptr<scalar_t>();
-    a.beta = beta.data_ptr<scalar_t>();
-    a.mean = mean.data_ptr<scalar_t>();
-    a.rstd = rstd.data_ptr<scalar_t>();
+    BlockArgs<scalar_t> a = common_args<scalar_t>(s, z, gamma, beta, mean, rstd);
     a.out = out.data_ptr<scalar_t>();
     a.eps = static_cast<scalar_t>(eps);
     if (cl) {
@@ -474,13 +482,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(const at::Tens
   at::Tensor sum_gn = at::empty({s.B, s.C}, z.options());
   at::Tensor sum_gn_xhat = at::empty({s.B, s.C}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_backward_cpu", [&] {
-    BlockArgs<scalar_t> a{};
-    a.s = s;
-    a.z = z.data_ptr<scalar_t>();
-    a.gamma = gamma.data_ptr<scalar_t>();
-    a.beta = beta.data_ptr<scalar_t>();
-    a.mean = const_cast<scalar_t*>(mean.data_ptr<scalar_t>());
-    a.rstd = const_cast<scalar_t*>(rstd.data_ptr<scalar_t>());
+    BlockArgs<scalar_t> a = common_args<scalar_t>(s, z, gamma, beta, mean, rstd);
     a.grad_out = gpool.data_ptr<scalar_t>();
     a.out = dz.data_ptr<scalar_t>();
     a.out2 = sum_gn.data_ptr<scalar_t>();
@@ -517,13 +519,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cpu(
   at::Tensor d_z = at::empty_like(z, layout_of(cl));
   at::Tensor d_gamma = at::empty({s.B, s.C}, z.options());
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "block_double_backward_cpu", [&] {
-    BlockArgs<scalar_t> a{};
-    a.s = s;
-    a.z = z.data_ptr<scalar_t>();
-    a.gamma = gamma.data_ptr<scalar_t>();
-    a.beta = beta.data_ptr<scalar_t>();
-    a.mean = const_cast<scalar_t*>(mean.data_ptr<scalar_t>());
-    a.rstd = const_cast<scalar_t*>(rstd.data_ptr<scalar_t>());
+    BlockArgs<scalar_t> a = common_args<scalar_t>(s, z, gamma, beta, mean, rstd);
     a.grad_out = gpool.data_ptr<scalar_t>();
     a.u = u.data_ptr<scalar_t>();
     a.u_gamma = ug.data_ptr<scalar_t>();

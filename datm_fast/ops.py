@@ -15,7 +15,6 @@ from .reference.block import (
     block_backward_reference,
     block_double_backward_reference,
     block_forward_reference,
-    norm_relu_pool_reference,
 )
 from .reference.distance import param_distance_reference
 
@@ -210,7 +209,4 @@ def norm_relu_pool(
             raise ValueError(f"norm_relu_pool: {name} must have shape ({C},), got {tuple(t.shape)}")
         if t.dtype != z.dtype or t.device != z.device:
             raise ValueError(f"norm_relu_pool: {name} must have z's dtype and device ({z.dtype}, {z.device})")
-    chosen = _block_backend(backend, z)
-    if chosen == "torch" and (z.shape[2] < 2 or z.shape[3] < 2):
-        return norm_relu_pool_reference(z, gamma, beta, eps)
-    return _NormReluPool.apply(z, gamma, beta, float(eps), chosen)
+    return _NormReluPool.apply(z, gamma, beta, float(eps), _block_backend(backend, z))
