@@ -393,7 +393,9 @@ def convnet_apply(
 
     ``fused=True`` runs each instance norm -> ReLU -> 2x2 average pool block as one fused op
     (:func:`datm_fast.ops.norm_relu_pool`, on ``backend``), with fused backward and double-backward
-    kernels; other architectures ignore it. Same values to rounding.
+    kernels (other architectures keep PyTorch's ops there), and every convolution as
+    :func:`datm_fast.ops.conv2d`, whose second derivative runs on the convolution library's own
+    backward kernels. Same values and derivatives to rounding.
     """
     if x.dim() != 4 or tuple(x.shape[1:]) != spec.input_shape:
         raise ValueError(
@@ -404,11 +406,14 @@ def convnet_apply(
     i = 0
     h = x
     fuse = fused and spec.norm == "instance" and spec.activation == "relu" and spec.pooling == "avg"
+    conv = F.conv2d
+    if fused:
+        from ..ops import conv2d as conv  # late: models must import without the ops machinery
     for layer in spec.layers:
-        h = F.conv2d(h, params[i], params[i + 1], padding=layer.padding)
+        h = conv(h, params[i], params[i + 1], padding=layer.padding)
         i += 2
         if fuse:
-            from ..ops import norm_relu_pool  # late: models must import without the ops machinery
+            from ..ops import norm_relu_pool
 
             h = norm_relu_pool(h, params[i], params[i + 1], NORM_EPS, backend=backend)
             i += 2
