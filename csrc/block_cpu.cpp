@@ -16,41 +16,14 @@
 #include <vector>
 
 #include "block.h"
+#include "checks.h"
 
 namespace datm_fast {
 namespace {
 
-struct PlaneShape {
-  int64_t B, C, H, W, Ho, Wo;
-  int64_t planes() const { return B * C; }
-  int64_t M() const { return H * W; }
-  int64_t Mo() const { return Ho * Wo; }
-};
-
-PlaneShape check_block_z(const char* op, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta) {
-  TORCH_CHECK(z.dim() == 4, op, ": z must be (B, C, H, W), got shape ", z.sizes());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op,
-              ": expected float32 or float64, got ", z.scalar_type());
-  const int64_t C = z.size(1);
-  TORCH_CHECK(z.size(2) >= 2 && z.size(3) >= 2, op, ": H and W must be at least 2 for 2x2 pooling, got ",
-              z.sizes());
-  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == C && beta.dim() == 1 && beta.size(0) == C, op,
-              ": gamma and beta must have shape (", C, "), got ", gamma.sizes(), " and ", beta.sizes());
-  TORCH_CHECK(gamma.scalar_type() == z.scalar_type() && beta.scalar_type() == z.scalar_type(), op,
-              ": gamma and beta must have z's dtype ", z.scalar_type());
-  TORCH_CHECK(gamma.device() == z.device() && beta.device() == z.device(), op, ": tensors must be on one device");
-  return {z.size(0), C, z.size(2), z.size(3), z.size(2) / 2, z.size(3) / 2};
-}
-
-void check_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape, const at::Tensor& z) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == z.scalar_type() && t.device() == z.device(), op, ": ", name,
-              " must have z's dtype and device");
-}
-
 // Work per parallel task: at least ~16K elements, so that the 4x4 planes of the last block are not
 // scheduled one by one.
-int64_t plane_grain(const PlaneShape& s) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.M())); }
+int64_t plane_grain(const BlockShape& s) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.M())); }
 
 // ----- plane kernels: one range of (sample, channel) planes, NCHW contiguous ---------------------------
 // Compiled once per instruction set (AVX-512, AVX2 + FMA, baseline) and picked at load time (GCC
@@ -69,7 +42,7 @@ int64_t plane_grain(const PlaneShape& s) { return std::max<int64_t>(1, 16384 / s
 
 template <typename T>
 struct BlockArgs {
-  PlaneShape s;
+  BlockShape s;
   const T* z;
   const T* gamma;
   const T* beta;
@@ -87,7 +60,7 @@ struct BlockArgs {
 
 template <typename T>
 DATM_ALWAYS_INLINE void forward_planes_impl(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* row) {
-  const PlaneShape& s = a.s;
+  const BlockShape& s = a.s;
   const int64_t M = s.M(), W = s.W;
   for (int64_t pl = p0; pl < p1; ++pl) {
     const T* x = a.z + pl * M;
@@ -117,7 +90,7 @@ DATM_ALWAYS_INLINE void forward_planes_impl(const BlockArgs<T>& a, int64_t p0, i
 
 template <typename T>
 DATM_ALWAYS_INLINE void backward_planes_impl(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* ge) {
-  const PlaneShape& s = a.s;
+  const BlockShape& s = a.s;
   const int64_t M = s.M(), H = s.H, W = s.W, Wp = 2 * s.Wo;
   for (int64_t pl = p0; pl < p1; ++pl) {
     const BlockPlane<T> prm{a.mean[pl], a.rstd[pl], a.gamma[pl % s.C], a.beta[pl % s.C]};
@@ -156,7 +129,7 @@ DATM_ALWAYS_INLINE void backward_planes_impl(const BlockArgs<T>& a, int64_t p0, 
 
 template <typename T>
 DATM_ALWAYS_INLINE void double_backward_planes_impl(const BlockArgs<T>& a, int64_t p0, int64_t p1, T* ge, T* ga2) {
-  const PlaneShape& s = a.s;
+  const BlockShape& s = a.s;
   const int64_t M = s.M(), H = s.H, W = s.W;
   for (int64_t pl = p0; pl < p1; ++pl) {
     const int64_t c = pl % s.C;
@@ -225,7 +198,7 @@ DATM_ALWAYS_INLINE void double_backward_planes_impl(const BlockArgs<T>& a, int64
 // (32 x 32 x 128 floats = 512 KB, in L2) is the unit, every loop runs over the C contiguous channels.
 template <typename T>
 DATM_ALWAYS_INLINE void forward_samples_cl_impl(const BlockArgs<T>& a, int64_t b0, int64_t b1, T* acc) {
-  const PlaneShape& s = a.s;
+  const BlockShape& s = a.s;
   const int64_t C = s.C, HW = s.M(), W = s.W;
   const T inv_m = T(1) / static_cast<T>(HW);
   const T* __restrict__ gam = a.gamma;
@@ -270,7 +243,7 @@ DATM_ALWAYS_INLINE void forward_samples_cl_impl(const BlockArgs<T>& a, int64_t b
 
 template <typename T>
 DATM_ALWAYS_INLINE void backward_samples_cl_impl(const BlockArgs<T>& a, int64_t b0, int64_t b1) {
-  const PlaneShape& s = a.s;
+  const BlockShape& s = a.s;
   const int64_t C = s.C, HW = s.M(), H = s.H, W = s.W;
   const T inv_m = T(1) / static_cast<T>(HW);
   const T* __restrict__ gam = a.gamma;
@@ -318,7 +291,7 @@ DATM_ALWAYS_INLINE void backward_samples_cl_impl(const BlockArgs<T>& a, int64_t 
 
 template <typename T>
 DATM_ALWAYS_INLINE void double_backward_samples_cl_impl(const BlockArgs<T>& a, int64_t b0, int64_t b1, T* work) {
-  const PlaneShape& s = a.s;
+  const BlockShape& s = a.s;
   const int64_t C = s.C, HW = s.M(), H = s.H, W = s.W;
   // Per-channel arrays (structure of arrays, so that the channel loops vectorise): the five sums of
   // pass 1, then the plane values of BlockDoubleBackwardPlane that pass 2 reads.
@@ -416,7 +389,7 @@ DATM_BLOCK_KERNELS(double)
 // ----- launchers ----------------------------------------------------------------------------------
 // The fields every kernel reads: shape, input, affine parameters and (after the forward) the statistics.
 template <typename T>
-BlockArgs<T> common_args(const PlaneShape& s, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta,
+BlockArgs<T> common_args(const BlockShape& s, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta,
                          const at::Tensor& mean, const at::Tensor& rstd) {
   BlockArgs<T> a{};
   a.s = s;
@@ -440,7 +413,7 @@ at::MemoryFormat layout_of(bool channels_last) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_forward_cpu(const at::Tensor& z_in, const at::Tensor& gamma_in,
                                                                  const at::Tensor& beta_in, double eps) {
-  const PlaneShape s = check_block_z("block_forward", z_in, gamma_in, beta_in);
+  const BlockShape s = check_block_inputs("block_forward", z_in, gamma_in, beta_in);
   const bool cl = use_channels_last(z_in);
   const at::Tensor z = z_in.contiguous(layout_of(cl)), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
   at::Tensor out = at::empty({s.B, s.C, s.Ho, s.Wo}, z.options().memory_format(layout_of(cl)));
@@ -470,10 +443,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cpu(const at::Tens
                                                                   const at::Tensor& beta_in,
                                                                   const at::Tensor& mean_in,
                                                                   const at::Tensor& rstd_in) {
-  const PlaneShape s = check_block_z("block_backward", z_in, gamma_in, beta_in);
-  check_like("block_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
-  check_like("block_backward", "mean", mean_in, {s.B, s.C}, z_in);
-  check_like("block_backward", "rstd", rstd_in, {s.B, s.C}, z_in);
+  const BlockShape s = check_block_inputs("block_backward", z_in, gamma_in, beta_in);
+  check_block_like("block_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
+  check_block_like("block_backward", "mean", mean_in, {s.B, s.C}, z_in);
+  check_block_like("block_backward", "rstd", rstd_in, {s.B, s.C}, z_in);
   const bool cl = use_channels_last(z_in);
   const at::Tensor gpool = gp_in.contiguous(layout_of(cl)), z = z_in.contiguous(layout_of(cl)),
                    gamma = gamma_in.contiguous(), beta = beta_in.contiguous(), mean = mean_in.contiguous(),
@@ -503,13 +476,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cpu(
     const at::Tensor& u_in, const at::Tensor& u_gamma_in, const at::Tensor& u_beta_in, const at::Tensor& gp_in,
     const at::Tensor& z_in, const at::Tensor& gamma_in, const at::Tensor& beta_in, const at::Tensor& mean_in,
     const at::Tensor& rstd_in) {
-  const PlaneShape s = check_block_z("block_double_backward", z_in, gamma_in, beta_in);
-  check_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
-  check_like("block_double_backward", "u_gamma", u_gamma_in, {s.C}, z_in);
-  check_like("block_double_backward", "u_beta", u_beta_in, {s.C}, z_in);
-  check_like("block_double_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
-  check_like("block_double_backward", "mean", mean_in, {s.B, s.C}, z_in);
-  check_like("block_double_backward", "rstd", rstd_in, {s.B, s.C}, z_in);
+  const BlockShape s = check_block_inputs("block_double_backward", z_in, gamma_in, beta_in);
+  check_block_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
+  check_block_like("block_double_backward", "u_gamma", u_gamma_in, {s.C}, z_in);
+  check_block_like("block_double_backward", "u_beta", u_beta_in, {s.C}, z_in);
+  check_block_like("block_double_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
+  check_block_like("block_double_backward", "mean", mean_in, {s.B, s.C}, z_in);
+  check_block_like("block_double_backward", "rstd", rstd_in, {s.B, s.C}, z_in);
   const bool cl = use_channels_last(z_in);
   const at::Tensor u = u_in.contiguous(layout_of(cl)), ug = u_gamma_in.contiguous(), ub = u_beta_in.contiguous(),
                    gpool = gp_in.contiguous(layout_of(cl)), z = z_in.contiguous(layout_of(cl)),

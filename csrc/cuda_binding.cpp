@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "block_cuda.h"
+#include "checks.h"
 #include "distance_cuda.h"
 
 namespace datm_fast {
@@ -17,23 +18,14 @@ namespace {
     TORCH_CHECK(err_ == cudaSuccess, #expr " failed: ", cudaGetErrorString(err_));        \
   } while (0)
 
-void check_cuda_inputs(const char* op, const at::Tensor& student, const at::Tensor& start, const at::Tensor& target) {
-  TORCH_CHECK(student.is_cuda() && start.is_cuda() && target.is_cuda(), op, ": expected CUDA tensors");
-  TORCH_CHECK(student.dim() == 1, op, ": student must be a flat 1-D parameter vector, got shape ", student.sizes());
-  TORCH_CHECK(start.sizes() == student.sizes() && target.sizes() == student.sizes(), op,
-              ": student, start and target must have the same shape, got ", student.sizes(), ", ", start.sizes(),
-              " and ", target.sizes());
-  TORCH_CHECK(start.scalar_type() == student.scalar_type() && target.scalar_type() == student.scalar_type(), op,
-              ": student, start and target must share one dtype");
-  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble, op,
-              ": expected float32 or float64 parameters, got ", student.scalar_type());
-  TORCH_CHECK(start.device() == student.device() && target.device() == student.device(), op,
-              ": student, start and target must be on one device");
+void check_cuda(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": expected CUDA tensors, got ", t.device());
 }
 
 std::tuple<at::Tensor, at::Tensor> param_distance_cuda(const at::Tensor& student_in, const at::Tensor& start_in,
                                                        const at::Tensor& target_in) {
-  check_cuda_inputs("param_distance", student_in, start_in, target_in);
+  check_distance_inputs("param_distance", student_in, start_in, target_in);
+  check_cuda("param_distance", student_in);
   const c10::cuda::CUDAGuard guard(student_in.device());
   const at::Tensor student = student_in.contiguous(), start = start_in.contiguous(), target = target_in.contiguous();
   const int64_t n = student.numel();
@@ -54,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_distance_backward_cuda_impl
                                                                                  const at::Tensor& student_in,
                                                                                  const at::Tensor& start_in,
                                                                                  const at::Tensor& target_in) {
-  check_cuda_inputs("param_distance_backward", student_in, start_in, target_in);
+  check_distance_inputs("param_distance_backward", student_in, start_in, target_in);
+  check_cuda("param_distance_backward", student_in);
   TORCH_CHECK(grad_num.numel() == 1 && grad_den.numel() == 1,
               "param_distance_backward: grad_num and grad_den must be scalars");
   const c10::cuda::CUDAGuard guard(student_in.device());
@@ -74,29 +67,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_distance_backward_cuda_impl
   return {grad_student, grad_start, grad_target};
 }
 
-void check_block_cuda(const char* op, const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta) {
-  TORCH_CHECK(z.is_cuda() && gamma.is_cuda() && beta.is_cuda(), op, ": expected CUDA tensors");
-  TORCH_CHECK(z.dim() == 4 && z.size(2) >= 2 && z.size(3) >= 2, op, ": z must be (B, C, H, W) with H, W >= 2, got ",
-              z.sizes());
-  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, op,
-              ": expected float32 or float64, got ", z.scalar_type());
-  TORCH_CHECK(gamma.dim() == 1 && gamma.size(0) == z.size(1) && beta.dim() == 1 && beta.size(0) == z.size(1), op,
-              ": gamma and beta must have shape (", z.size(1), ")");
-  TORCH_CHECK(gamma.scalar_type() == z.scalar_type() && beta.scalar_type() == z.scalar_type(), op,
-              ": gamma and beta must have z's dtype");
-}
-
-void check_block_like(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
-                      const at::Tensor& z) {
-  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == z.scalar_type() && t.device() == z.device(), op, ": ", name,
-              " must have z's dtype and device");
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_forward_cuda_impl(const at::Tensor& z_in,
                                                                        const at::Tensor& gamma_in,
                                                                        const at::Tensor& beta_in, double eps) {
-  check_block_cuda("block_forward", z_in, gamma_in, beta_in);
+  check_block_inputs("block_forward", z_in, gamma_in, beta_in);
+  check_cuda("block_forward", z_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), gamma = gamma_in.contiguous(), beta = beta_in.contiguous();
   const int64_t B = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
@@ -119,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_backward_cuda_impl(const at
                                                                         const at::Tensor& beta_in,
                                                                         const at::Tensor& mean_in,
                                                                         const at::Tensor& rstd_in) {
-  check_block_cuda("block_backward", z_in, gamma_in, beta_in);
+  check_block_inputs("block_backward", z_in, gamma_in, beta_in);
+  check_cuda("block_backward", z_in);
   const int64_t B = z_in.size(0), C = z_in.size(1), H = z_in.size(2), W = z_in.size(3);
   check_block_like("block_backward", "grad_out", gp_in, {B, C, H / 2, W / 2}, z_in);
   check_block_like("block_backward", "mean", mean_in, {B, C}, z_in);
@@ -144,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cuda_impl(
     const at::Tensor& u_in, const at::Tensor& u_gamma_in, const at::Tensor& u_beta_in, const at::Tensor& gp_in,
     const at::Tensor& z_in, const at::Tensor& gamma_in, const at::Tensor& beta_in, const at::Tensor& mean_in,
     const at::Tensor& rstd_in) {
-  check_block_cuda("block_double_backward", z_in, gamma_in, beta_in);
+  check_block_inputs("block_double_backward", z_in, gamma_in, beta_in);
+  check_cuda("block_double_backward", z_in);
   const int64_t B = z_in.size(0), C = z_in.size(1), H = z_in.size(2), W = z_in.size(3);
   check_block_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
   check_block_like("block_double_backward", "u_gamma", u_gamma_in, {C}, z_in);

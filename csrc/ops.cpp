@@ -12,30 +12,15 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "distance.h"
 
 namespace datm_fast {
 namespace {
 
-void check_distance_inputs(const at::Tensor& student, const at::Tensor& start, const at::Tensor& target) {
-  TORCH_CHECK(student.dim() == 1, "param_distance: student must be a flat 1-D parameter vector, got shape ",
-              student.sizes());
-  TORCH_CHECK(start.sizes() == student.sizes() && target.sizes() == student.sizes(),
-              "param_distance: student, start and target must have the same shape, got ", student.sizes(), ", ",
-              start.sizes(), " and ", target.sizes());
-  TORCH_CHECK(start.scalar_type() == student.scalar_type() && target.scalar_type() == student.scalar_type(),
-              "param_distance: student, start and target must share one dtype, got ", student.scalar_type(), ", ",
-              start.scalar_type(), " and ", target.scalar_type());
-  TORCH_CHECK(student.scalar_type() == at::kFloat || student.scalar_type() == at::kDouble,
-              "param_distance: expected float32 or float64 parameters, got ", student.scalar_type());
-  TORCH_CHECK(start.device() == student.device() && target.device() == student.device(),
-              "param_distance: student, start and target must be on one device, got ", student.device(), ", ",
-              start.device(), " and ", target.device());
-}
-
 std::tuple<at::Tensor, at::Tensor> param_distance_cpu(const at::Tensor& student_in, const at::Tensor& start_in,
                                                       const at::Tensor& target_in) {
-  check_distance_inputs(student_in, start_in, target_in);
+  check_distance_inputs("param_distance", student_in, start_in, target_in);
   TORCH_CHECK(student_in.device().is_cpu(), "param_distance_cpu: expected CPU tensors, got ", student_in.device());
   const at::Tensor student = student_in.contiguous(), start = start_in.contiguous(), target = target_in.contiguous();
   const int64_t n = student.numel();
@@ -71,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> param_distance_backward_cpu(const
                                                                            const at::Tensor& student_in,
                                                                            const at::Tensor& start_in,
                                                                            const at::Tensor& target_in) {
-  check_distance_inputs(student_in, start_in, target_in);
+  check_distance_inputs("param_distance_backward", student_in, start_in, target_in);
   TORCH_CHECK(grad_num.numel() == 1 && grad_den.numel() == 1,
               "param_distance_backward: grad_num and grad_den must be scalars, got shapes ", grad_num.sizes(),
               " and ", grad_den.sizes());

@@ -559,10 +559,9 @@ def run_reproduce(
         EvalConfig,
         RunInfo,
         environment,
+        evaluate_against_random_real,
         evaluate_synset,
-        random_real_baseline,
         whole_dataset_baseline,
-        write_results,
         write_run_info,
     )
     from .experts import ExpertBuffer, ExpertBufferError, ExpertConfig, build_buffer, subset_dataset
@@ -731,27 +730,19 @@ def run_reproduce(
         )
         distill_seconds = time.perf_counter() - t_distill
         say(f"IPC {ipc}: evaluating the set of iteration {result.iteration} ({preset.eval_runs} runs)")
-        distilled = evaluate_synset(
+        distilled, baseline = evaluate_against_random_real(
             result.images,
             result.labels,
             result.lr,
-            data.test_images,
-            data.test_labels,
+            data,
+            ipc,
             eval_config,
-            generator=torch.Generator().manual_seed(seed),
-            device=dev,
+            seed=seed,
+            results_path=run_dir / "eval_best.json",
             name=f"distilled cifar10 ipc {ipc}",
-            progress=progress,
-        )
-        baseline = random_real_baseline(
-            data, ipc, eval_config, generator=torch.Generator().manual_seed(seed), device=dev, progress=progress
-        )
-        write_results(
-            run_dir / "eval_best.json",
-            [distilled, baseline],
-            config=eval_config,
+            meta={"dataset": "cifar10", "preset": preset.name},
             device=dev,
-            meta={"dataset": "cifar10", "ipc": ipc, "baseline": "random-real", "preset": preset.name},
+            progress=progress,
         )
         write_report(run_dir)
         row = ReproduceRow(

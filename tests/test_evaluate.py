@@ -28,6 +28,7 @@ from datm_fast.evaluate import (
     EvalConfig,
     EvalResult,
     RunInfo,
+    evaluate_against_random_real,
     evaluate_models,
     evaluate_run_dir,
     evaluate_synset,
@@ -345,6 +346,24 @@ def test_whole_dataset_baseline_runs_on_the_train_split():
     res = whole_dataset_baseline(ds, EvalConfig(model=SMALL, runs=1, epochs=1), generator=_gen(), progress=False)
     assert res.num_images == 16 and res.lr == 0.01 and res.name == "whole toy"
     assert len(res.accuracies) == 1 and 0 <= res.mean <= 1
+
+
+def test_evaluate_against_random_real_equals_the_two_calls_and_writes_both(tmp_path):
+    ds = _toy_dataset(n_train=40, n_test=8, classes=4)
+    x, _ = _toy(8, 4)
+    labels = torch.randn(8, 4, generator=_gen(3))
+    cfg = EvalConfig(model=SMALL, runs=2, epochs=1, batch_size=8)
+    path = tmp_path / "eval_best.json"
+    distilled, baseline = evaluate_against_random_real(
+        x, labels, 0.02, ds, 2, cfg, seed=5, results_path=path, name="mine", meta={"dataset": "toy"}, progress=False
+    )
+    alone = evaluate_synset(x, labels, 0.02, ds.test_images, ds.test_labels, cfg, generator=_gen(5), progress=False)
+    base = random_real_baseline(ds, 2, cfg, generator=_gen(5), progress=False)
+    assert distilled.accuracies == alone.accuracies and baseline.accuracies == base.accuracies
+    assert distilled.name == "mine" and baseline.num_images == 8
+    written = json.loads(path.read_text())
+    assert [r["name"] for r in written["results"]] == ["mine", base.name]
+    assert written["ipc"] == 2 and written["baseline"] == "random-real" and written["dataset"] == "toy"
 
 
 # ----- files, run directories ---------------------------------------------------------------------------

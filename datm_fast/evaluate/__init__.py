@@ -27,7 +27,13 @@ Importing this package starts no device and reads no file.
 """
 
 from ._cpu import retain_freed_memory
-from .baselines import BASELINE_LR, random_real_baseline, random_real_subset, whole_dataset_baseline
+from .baselines import (
+    BASELINE_LR,
+    evaluate_against_random_real,
+    random_real_baseline,
+    random_real_subset,
+    whole_dataset_baseline,
+)
 from .config import EVAL_POOLS, EvalConfig, EvalResult, resolve_models
 from .losses import soft_cross_entropy, train_loss
 from .protocol import check_lr, evaluate_models, evaluate_synset
@@ -66,6 +72,7 @@ __all__ = [
     "load_run_dir",
     "load_synset",
     "random_real_baseline",
+    "evaluate_against_random_real",
     "random_real_subset",
     "read_run_info",
     "resolve_models",

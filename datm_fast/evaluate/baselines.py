@@ -3,15 +3,26 @@ train split. Both use hard labels and upstream's baseline lr (``lr_teacher`` = 0
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Union
+
 import torch
 from torch import Tensor
 
 from ..data import ImageDataset
 from ._engine import TrainSet
 from .config import EvalConfig, EvalResult
-from .protocol import DeviceLike, check_lr, check_models, evaluate_prepared
+from .protocol import DeviceLike, check_lr, check_models, evaluate_prepared, evaluate_synset
+from .results import write_results
 
-__all__ = ["BASELINE_LR", "random_real_subset", "random_real_baseline", "whole_dataset_baseline"]
+__all__ = [
+    "BASELINE_LR",
+    "random_real_subset",
+    "random_real_baseline",
+    "whole_dataset_baseline",
+    "evaluate_against_random_real",
+]
 
 BASELINE_LR = 0.01  # upstream baseline.py trains real data with lr_teacher = 0.01
 
@@ -128,3 +139,60 @@ def whole_dataset_baseline(
         name=f"whole {ds.name}",
         progress=progress,
     )
+
+
+def evaluate_against_random_real(
+    images: Tensor,
+    labels: Tensor,
+    lr: Union[float, Tensor],
+    dataset: ImageDataset,
+    ipc: int,
+    config: EvalConfig,
+    *,
+    seed: int,
+    results_path: Union[str, Path],
+    name: str,
+    meta: Mapping[str, Any] | None = None,
+    baseline_lr: float = BASELINE_LR,
+    device: DeviceLike = None,
+    progress: bool = True,
+) -> tuple[EvalResult, EvalResult]:
+    """A distilled set and random real subsets of the same IPC, on one protocol, written side by side.
+
+    What ``datm-fast quickstart`` and ``datm-fast reproduce`` report for every IPC: the distilled set
+    (its learned labels and lr) through :func:`evaluate_synset`, then :func:`random_real_baseline`,
+    each from a generator seeded with ``seed``; both results go to ``results_path`` (atomically,
+    :func:`write_results`) with ``meta`` plus the IPC and the baseline's kind.
+
+    Returns ``(distilled, baseline)``.
+    """
+    ds = _check_dataset(dataset)
+    distilled = evaluate_synset(
+        images,
+        labels,
+        lr,
+        ds.test_images,
+        ds.test_labels,
+        config,
+        generator=torch.Generator().manual_seed(seed),
+        device=device,
+        name=name,
+        progress=progress,
+    )
+    baseline = random_real_baseline(
+        ds,
+        ipc,
+        config,
+        generator=torch.Generator().manual_seed(seed),
+        lr=baseline_lr,
+        device=device,
+        progress=progress,
+    )
+    write_results(
+        results_path,
+        [distilled, baseline],
+        config=config,
+        device=device,
+        meta={**(meta or {}), "ipc": ipc, "baseline": "random-real"},
+    )
+    return distilled, baseline
