@@ -250,15 +250,18 @@ def _will_be_used(t: torch.Tensor) -> bool:
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, padding):
-        ctx.save_for_backward(x, w)
+        ctx.save_for_backward(x, w, b)
         ctx.padding, ctx.has_bias = padding, b is not None
         return torch.nn.functional.conv2d(x, w, b, padding=padding)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, w = ctx.saved_tensors
+        x, w, b = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # The exact engine's first derivative asks for the conv outputs' gradients, not the weights'.
         need_x = need_x and _will_be_used(x)
+        need_w = need_w and _will_be_used(w)
+        need_b = need_b and ctx.has_bias and _will_be_used(b)
         if not torch.is_grad_enabled():
             # A first-order backward (the roll-out): one library call for all three gradients.
             gx, gw, gb = _conv_backward(grad_y, x, w, ctx.padding, [need_x, need_w, need_b and ctx.has_bias])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import torch.nn.functional as F
 from datm_fast.augment import DSAConfig, apply_dsa
 from datm_fast.distill import estimate_full_unroll_bytes, make_unroll_plan, trajectory_matching_loss
 from datm_fast.models import ConvNet, ConvNetSpec, init_flat_params
+
+unroll_module = importlib.import_module("datm_fast.distill.unroll")  # the package attribute is the function
 
 
 def _problem(spec: ConvNetSpec, num_images: int, *, seed: int = 0, dtype=torch.float64):
@@ -50,9 +53,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("tap_min_reduction", [0, None], ids=["taps-every-layer", "taps-default"])
 @pytest.mark.parametrize("augment", [DSAConfig(), None], ids=["dsa", "no-dsa"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-d{c[1]}-b{c[7]}-mb{c[9]}" for c in CASES])
-def test_exact_equals_full_in_float64(case, augment):
+def test_exact_equals_full_in_float64(case, augment, tap_min_reduction, monkeypatch):
+    # The test networks are narrow (width 5: reduction 45 after the first layer), below the default
+    # threshold of the conv-output identity: 0 takes it in every layer, padding 3 included.
+    if tap_min_reduction is not None:
+        monkeypatch.setattr(unroll_module, "_TAP_MIN_REDUCTION", tap_min_reduction)
     norm, depth, act, pool, px, ch, n, batch_syn, steps, micro = case
     width = 4 if norm == "group" else 5
     spec = ConvNetSpec(ch, 3, px, width=width, depth=depth, norm=norm, activation=act, pooling=pool)
@@ -117,6 +125,38 @@ def test_full_engine_is_upstreams_loop():
     loss.backward()
     assert torch.allclose(loss, expected.detach(), rtol=1e-12)
     assert _rel(x.grad, x_syn.grad) < 1e-10
+
+
+def test_exact_reverse_step_runs_eight_convolutions_per_layer(monkeypatch):
+    """The reverse step's cost: taking <grad, lam> through the conv outputs (the weight gradient's adjoint
+    identity) leaves 8 convolutions per layer (forward, input gradient, the direction's conv, and their
+    derivatives) where differentiating the weight gradients takes 9; the first layer (a 27-long
+    reduction, below the identity's threshold) keeps its weight gradient: 6, as its input gradient is
+    needed only in the second derivative."""
+    import datm_fast.ops as ops
+
+    calls = [0]
+    conv2d, conv_backward = F.conv2d, ops._conv_backward
+
+    def counting_conv(*args, **kwargs):
+        calls[0] += 1
+        return conv2d(*args, **kwargs)
+
+    def counting_backward(grad_y, x, w, padding, mask):
+        calls[0] += sum(mask[:2])  # one call may run the input- and the weight-gradient kernels
+        return conv_backward(grad_y, x, w, padding, mask)
+
+    spec = ConvNetSpec(3, 10, 16, width=8, depth=3)
+    start, target, images, labels, lr = _problem(spec, 4, seed=3, dtype=torch.float32)
+    syn_steps = 3
+    g = torch.Generator().manual_seed(3)
+    plan = make_unroll_plan(4, syn_steps, 2, image_size=(16, 16), augment=None, generator=g)
+    x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
+    loss = trajectory_matching_loss(spec, start, target, x, y, a, plan=plan, unroll="exact", micro_batch=2)
+    monkeypatch.setattr(F, "conv2d", counting_conv)
+    monkeypatch.setattr(ops, "_conv_backward", counting_backward)
+    loss.backward()
+    assert calls[0] == syn_steps * (6 + 8 * (spec.depth - 1))
 
 
 def test_gradcheck_of_exact_engine():

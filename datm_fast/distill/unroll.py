@@ -27,6 +27,10 @@ the outer optimiser needs. Three engines compute it:
         lam_i  = lam_{i+1} - lr * H lam
         dL/dX_b += -lr * d dot/dX_b,   dL/dY_b += -lr * d dot/dY_b,   dL/dlr += -dot
 
+    ``dot`` is formed without the convolution weight gradients: ``<grad_W l, lam_W> = <grad_y l, conv(x,
+    lam_W)>`` for a convolution ``y = conv(x, W)`` (see ``_gradient_dot``), which saves one of the
+    nine convolutions each layer after the first costs in this step.
+
     A step's batch is split into micro-batches (samples are independent under instance norm, so the
     gradient is a sum over micro-batches); only one micro-batch's graph lives at a time. With batch
     norm, whose statistics span the batch, the micro-batch is the whole batch.
@@ -221,12 +225,56 @@ def _leaf_step_loss(
     augment: DSAParams | None,
     batch_size: int,
     kernels: _Kernels,
+    taps: list[tuple[Tensor, Tensor, int, int]] | None = None,
 ) -> Tensor:
     x = images if augment is None else apply_dsa(images, augment)
     if kernels.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend)
+    logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend, taps=taps)
     return soft_cross_entropy(logits, labels) / batch_size
+
+
+# The conv-output identity of _gradient_dot pays where a convolution's reduction is long: it trades
+# the weight-gradient convolution (2 x C_in x kH x kW FLOP per output element) for about six
+# elementwise passes over the conv output (the product, its sum and its two derivatives). For the
+# first layer (3 x 3 x 3 = 27) the passes cost more than the convolution they replace (interleaved,
+# CIFAR-10 IPC 10 at 4 steps, 2026-12-04: see benchmarks/NOTES.md section 5, item 7).
+_TAP_MIN_REDUCTION = 64
+
+
+def _gradient_dot(
+    loss: Tensor,
+    taps: list[tuple[Tensor, Tensor, int, int]],
+    leaves: list[Tensor],
+    lam_parts: list[Tensor],
+    kernels: _Kernels,
+    min_reduction: int | None = None,
+) -> Tensor:
+    """``<grad_theta loss, lam>`` as a differentiable scalar, mostly without the conv weight gradients.
+
+    A convolution's weight and bias gradients are linear in its output gradient ``gy``:
+    ``<grad_W, lam_W> + <grad_b, lam_b> = <gy, conv(x, lam_W) + lam_b>`` (the weight gradient is the
+    adjoint of the convolution in its weight). Differentiating ``loss`` to the conv outputs instead of
+    the conv weights, and taking the dot through that identity, drops the weight-gradient
+    convolution from the graph, and its derivative in ``gy`` is the value ``conv(x, lam_W) + lam_b``
+    already computed: 8 convolutions per layer and reverse step instead of 9. Applied to the
+    convolutions whose reduction ``C_in x kH x kW`` is at least ``min_reduction``; the others keep
+    their weight gradients (default ``_TAP_MIN_REDUCTION``).
+    """
+    min_reduction = _TAP_MIN_REDUCTION if min_reduction is None else min_reduction
+    tapped = [t for t in taps if leaves[t[2]][0].numel() >= min_reduction]
+    conv_params = {j for _, _, i, _ in tapped for j in (i, i + 1)}
+    others = [j for j in range(len(leaves)) if j not in conv_params]
+    wrt = [y for _, y, _, _ in tapped] + [leaves[j] for j in others]
+    grads = torch.autograd.grad(loss, wrt, create_graph=True)
+    conv = F.conv2d
+    if kernels.fused:
+        from ..ops import conv2d as conv  # the same op the forward used: its double backward is the fast one
+    # Elementwise, so the direction reaching each weight's double backward keeps its format.
+    dot = sum((g * lam_parts[j]).sum() for g, j in zip(grads[len(tapped) :], others))
+    for (x, _, i, padding), gy in zip(tapped, grads[: len(tapped)]):
+        dot = dot + (gy * conv(x, lam_parts[i], lam_parts[i + 1], padding=padding)).sum()
+    return dot
 
 
 def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None, dtype: torch.dtype) -> list[slice]:
@@ -364,10 +412,9 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 with torch.enable_grad():
                     x = images[idx].requires_grad_(need_x)
                     y = labels[idx].requires_grad_(need_y)
-                    loss = _leaf_step_loss(spec, leaves, x, y, aug, batch, ctx.kernels)
-                    gs = torch.autograd.grad(loss, leaves, create_graph=True)
-                    # Elementwise, so the direction reaching each weight's double backward keeps its format.
-                    dot = sum((g * lp).sum() for g, lp in zip(gs, lam_parts))
+                    taps: list[tuple[Tensor, Tensor, int, int]] = []
+                    loss = _leaf_step_loss(spec, leaves, x, y, aug, batch, ctx.kernels, taps)
+                    dot = _gradient_dot(loss, taps, leaves, lam_parts, ctx.kernels)
                     wrt = (leaves if exact else []) + [t for t, need in ((x, need_x), (y, need_y)) if need]
                     grads = torch.autograd.grad(dot, wrt, allow_unused=True) if wrt else []
                 grads = list(grads)

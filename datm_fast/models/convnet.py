@@ -383,7 +383,13 @@ def convnet_forward(spec: ConvNetSpec, flat_params: torch.Tensor, x: torch.Tenso
 
 
 def convnet_apply(
-    spec: ConvNetSpec, params: Sequence[torch.Tensor], x: torch.Tensor, *, fused: bool = False, backend: str = "auto"
+    spec: ConvNetSpec,
+    params: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    *,
+    fused: bool = False,
+    backend: str = "auto",
+    taps: list[tuple[torch.Tensor, torch.Tensor, int, int]] | None = None,
 ) -> torch.Tensor:
     """:func:`convnet_forward` with the parameters as separate tensors (``unflatten_params`` order).
 
@@ -396,6 +402,10 @@ def convnet_apply(
     kernels (other architectures keep PyTorch's ops there), and every convolution as
     :func:`datm_fast.ops.conv2d`, whose second derivative runs on the convolution library's own
     backward kernels. Same values and derivatives to rounding.
+
+    ``taps``, when given, receives ``(input, output, index of its weight in params, padding)`` of
+    every convolution in layer order (the bias is at index + 1): the exact unroll engine differentiates
+    through them (see ``datm_fast.distill.unroll``).
     """
     if x.dim() != 4 or tuple(x.shape[1:]) != spec.input_shape:
         raise ValueError(
@@ -410,7 +420,10 @@ def convnet_apply(
     if fused:
         from ..ops import conv2d as conv  # late: models must import without the ops machinery
     for layer in spec.layers:
+        conv_in = h
         h = conv(h, params[i], params[i + 1], padding=layer.padding)
+        if taps is not None:
+            taps.append((conv_in, h, i, layer.padding))
         i += 2
         if fuse:
             from ..ops import norm_relu_pool
