@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             peak = "–" if r.error else f"{r.peak_gb:.2f}"
             cells = [name, f"{shape.batch_syn} x {shape.syn_steps}", engine, ours, peak, ref_text, speed]
             print("| " + " | ".join(cells) + " |", flush=True)
-    with atomic_write(args.out, "w") as f:
-        json.dump({"environment": env, "reduced": args.reduced, "results": rows, "checks": checks}, f, indent=2)
+            # After every row, so a run stopped by a time limit (a lent GPU's lease) keeps what it measured.
+            with atomic_write(args.out, "w") as f:
+                json.dump({"environment": env, "reduced": args.reduced, "results": rows, "checks": checks}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -21,7 +21,7 @@ import torch
 
 from ._ext import extension_status
 
-__all__ = ["Backend", "BackendStatus", "backend_info", "check_backend", "resolve_backend"]
+__all__ = ["Backend", "BackendStatus", "backend_info", "backend_status", "check_backend", "resolve_backend"]
 
 Backend = Literal["auto", "torch", "cpp", "cuda", "triton"]
 BACKENDS: tuple[str, ...] = ("torch", "cpp", "cuda", "triton")
@@ -55,6 +55,33 @@ def _triton_status() -> BackendStatus:
     )
 
 
+def backend_status(name: str) -> BackendStatus:
+    """One backend's status. Only what it names is probed: ``triton`` imports triton (about 80 MB of
+    resident memory and a second of start-up), which a CPU run on the ``cpp`` backend never needs."""
+    check_backend(name)
+    if name == "torch":
+        return BackendStatus("torch", True, f"torch {torch.__version__}")
+    if name == "triton":
+        return _triton_status()
+    ext = extension_status()
+    if name == "cpp":
+        if ext.loaded:
+            omp = "with OpenMP" if ext.with_openmp else "without OpenMP"
+            return BackendStatus("cpp", True, f"datm_fast._C {omp}, {torch.get_num_threads()} threads")
+        return BackendStatus("cpp", False, f"datm_fast._C did not load: {ext.error}")
+    if torch.version.cuda is None:
+        return BackendStatus("cuda", False, f"torch {torch.__version__} is a CPU build")
+    if not ext.loaded:
+        return BackendStatus("cuda", False, f"datm_fast._C did not load: {ext.error}")
+    if not ext.with_cuda:
+        return BackendStatus(
+            "cuda", False, "datm_fast._C was built without CUDA (no nvcc at install time, or DATM_FAST_CUDA=0)"
+        )
+    if not torch.cuda.is_available():
+        return BackendStatus("cuda", False, "datm_fast._C has CUDA kernels but no GPU is visible")
+    return BackendStatus("cuda", True, f"datm_fast._C CUDA kernels, {torch.cuda.device_count()} GPU(s)")
+
+
 def backend_info() -> dict[str, BackendStatus]:
     """Report every backend: ``{name: BackendStatus(name, live, detail)}``.
 
@@ -67,27 +94,7 @@ def backend_info() -> dict[str, BackendStatus]:
         cuda    off   torch 2.13.0+cpu is a CPU build
         triton  live  triton 3.9.0 in the interpreter (TRITON_INTERPRET=1)
     """
-    ext = extension_status()
-    info = {"torch": BackendStatus("torch", True, f"torch {torch.__version__}")}
-    if ext.loaded:
-        omp = "with OpenMP" if ext.with_openmp else "without OpenMP"
-        info["cpp"] = BackendStatus("cpp", True, f"datm_fast._C {omp}, {torch.get_num_threads()} threads")
-    else:
-        info["cpp"] = BackendStatus("cpp", False, f"datm_fast._C did not load: {ext.error}")
-    if torch.version.cuda is None:
-        info["cuda"] = BackendStatus("cuda", False, f"torch {torch.__version__} is a CPU build")
-    elif not ext.loaded:
-        info["cuda"] = BackendStatus("cuda", False, f"datm_fast._C did not load: {ext.error}")
-    elif not ext.with_cuda:
-        info["cuda"] = BackendStatus(
-            "cuda", False, "datm_fast._C was built without CUDA (no nvcc at install time, or DATM_FAST_CUDA=0)"
-        )
-    elif not torch.cuda.is_available():
-        info["cuda"] = BackendStatus("cuda", False, "datm_fast._C has CUDA kernels but no GPU is visible")
-    else:
-        info["cuda"] = BackendStatus("cuda", True, f"datm_fast._C CUDA kernels, {torch.cuda.device_count()} GPU(s)")
-    info["triton"] = _triton_status()
-    return info
+    return {name: backend_status(name) for name in BACKENDS}
 
 
 def check_backend(backend: str) -> None:
@@ -106,14 +113,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     device = torch.device(device)
     if backend == "torch":
         return "torch"
-    info = backend_info()
     if backend == "auto":
         order = ("cuda", "triton") if device.type == "cuda" else ("cpp",)
         for name in order:
-            if info[name].live:
+            if backend_status(name).live:
                 return name
         return "torch"
-    status = info[backend]
+    status = backend_status(backend)
     if not status.live:
         raise RuntimeError(f"backend {backend!r} is not live: {status.detail}")
     if backend == "cpp" and device.type != "cpu":

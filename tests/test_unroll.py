@@ -277,3 +277,61 @@ def test_exact_memory_does_not_grow_with_syn_steps():
     exact_short, exact_long = _rss_growth_mb("exact", 4), _rss_growth_mb("exact", 40)
     assert full_long - full_short > 60, (full_short, full_long)
     assert exact_long - exact_short < 10, (exact_short, exact_long)
+
+
+def test_trajectory_storage_gets_its_own_mapping_above_the_threshold(monkeypatch):
+    """Large theta_i storage on CPU bypasses the heap (its own anonymous mapping, freed with the tensor);
+    the gradient is the same either way."""
+    like = torch.zeros(5, dtype=torch.float64)
+    small = unroll_module._trajectory_storage(3, like)
+    assert small.shape == (3, 5) and small.dtype == torch.float64
+    monkeypatch.setattr(unroll_module, "_OWN_MAPPING_BYTES", 0)
+    mapped = unroll_module._trajectory_storage(3, like)
+    assert mapped.shape == (3, 5) and mapped.dtype == torch.float64 and mapped.is_contiguous()
+    mapped[1] = torch.arange(5.0, dtype=torch.float64)
+    assert mapped[1].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and mapped[0].abs().sum() == 0
+
+    spec = ConvNetSpec(3, 3, 8, width=5, depth=2)
+    problem = _problem(spec, 6, seed=11)
+    plan = make_unroll_plan(6, 4, 3, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(2))
+    exact = _grads(spec, problem, plan, unroll="exact", micro_batch=2)
+    full = _grads(spec, problem, plan, unroll="full")
+    for a, b in zip(exact, full):
+        assert _rel(a, b) < 1e-10
+
+
+def test_a_cpu_unroll_does_not_import_triton():
+    """The cpp backend is all a CPU run needs; probing triton costs about 80 MB of resident memory."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from datm_fast.distill import trajectory_matching_loss
+        from datm_fast.models import ConvNetSpec, init_flat_params
+        spec = ConvNetSpec(3, 4, 8, width=4, depth=2)
+        start = init_flat_params(spec, torch.Generator().manual_seed(0))
+        x = torch.randn(4, 3, 8, 8, requires_grad=True)
+        y = torch.randn(4, 4, requires_grad=True)
+        lr = torch.tensor(0.01, requires_grad=True)
+        trajectory_matching_loss(spec, start, start + 0.01, x, y, lr, syn_steps=2, batch_syn=4,
+                                 generator=torch.Generator().manual_seed(1)).backward()
+        print("triton" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_exact_equals_full_on_gpu():
+    """The GPU path (NCHW, the CUDA block kernels, cuDNN's convolutions, device-side plan) in float64."""
+    spec = ConvNetSpec(3, 4, 8, width=6, depth=2)
+    start, target, images, labels, lr = (t.cuda() for t in _problem(spec, 8, seed=4))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    plan = make_unroll_plan(8, 5, 4, image_size=(8, 8), augment=DSAConfig(), generator=gen)
+    problem = (start, target, images, labels, lr)
+    full = _grads(spec, problem, plan, unroll="full", fused=False)
+    exact = _grads(spec, problem, plan, unroll="exact", micro_batch=2)
+    assert exact[1].is_cuda
+    for got, ref in zip(exact, full):
+        assert _rel(got, ref) < 1e-10
