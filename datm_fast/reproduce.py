@@ -554,13 +554,12 @@ def run_reproduce(
     """
     from .data import load_dataset, preprocess
     from .distill import distill
-    from .distill.loop import EvalOutcome
     from .evaluate import (
         EvalConfig,
         RunInfo,
         environment,
         evaluate_against_random_real,
-        evaluate_synset,
+        evaluator_on_test_set,
         whole_dataset_baseline,
         write_run_info,
     )
@@ -695,20 +694,7 @@ def run_reproduce(
             select_config = EvalConfig(
                 model=preset.model, runs=config.num_eval, epochs=config.epoch_eval_train, batch_size=config.batch_train
             )
-
-            def evaluator(images, labels, lr, eval_seed, _cfg=select_config):
-                res = evaluate_synset(
-                    images,
-                    labels,
-                    lr,
-                    data.test_images,
-                    data.test_labels,
-                    _cfg,
-                    generator=torch.Generator().manual_seed(eval_seed),
-                    device=dev,
-                    progress=False,
-                )
-                return EvalOutcome(tuple(res.accuracies))
+            evaluator = evaluator_on_test_set(data, select_config, device=dev)
 
         resume = _resume_distill(run_dir, config)
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -366,6 +366,23 @@ def test_evaluate_against_random_real_equals_the_two_calls_and_writes_both(tmp_p
     assert written["ipc"] == 2 and written["baseline"] == "random-real" and written["dataset"] == "toy"
 
 
+def test_evaluator_on_test_set_is_the_loops_seeded_evaluation():
+    from datm_fast.distill import EvalOutcome
+    from datm_fast.evaluate import evaluator_on_test_set
+
+    ds = _toy_dataset(n_train=40, n_test=8, classes=4)
+    x, _ = _toy(8, 4)
+    labels = torch.randn(8, 4, generator=_gen(3))
+    cfg = EvalConfig(model=SMALL, runs=2, epochs=1, batch_size=8)
+    evaluator = evaluator_on_test_set(ds, cfg)
+    outcome = evaluator(x, labels, 0.02, 7)
+    alone = evaluate_synset(x, labels, 0.02, ds.test_images, ds.test_labels, cfg, generator=_gen(7), progress=False)
+    assert isinstance(outcome, EvalOutcome) and outcome.accuracies == tuple(alone.accuracies)
+    assert evaluator(x, labels, 0.02, 7) == outcome  # seeded: the same call, the same accuracies
+    with pytest.raises(ValueError, match="ImageDataset"):
+        evaluator_on_test_set((x, labels), cfg)
+
+
 # ----- files, run directories ---------------------------------------------------------------------------
 def _save_upstream(directory, n=12, classes=4, size=16, tag="best"):
     """Files as upstream DATM writes them: tensors saved with requires_grad, lr a 0-d tensor."""

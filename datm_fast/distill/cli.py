@@ -34,11 +34,11 @@ def run_distill(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_dataset, preprocess
-    from ..evaluate import EvalConfig, RunInfo, evaluate_synset, write_run_info
+    from ..evaluate import EvalConfig, RunInfo, evaluator_on_test_set, write_run_info
     from ..experts import ExpertBuffer
     from .config import load_config
     from .loggers import check_logger_names
-    from .loop import EvalOutcome, distill
+    from .loop import distill
 
     try:  # a missing tensorboard/wandb fails before any work, in one line (main reports RuntimeErrors)
         check_logger_names(getattr(args, "log_to", None) or ())
@@ -76,20 +76,7 @@ def run_distill(args: argparse.Namespace) -> int:
             batch_size=config.batch_train,
         )
         device = None if config.device == "auto" else config.device
-
-        def evaluator(images, labels, lr, seed):
-            result = evaluate_synset(
-                images,
-                labels,
-                lr,
-                data.test_images,
-                data.test_labels,
-                eval_config,
-                generator=torch.Generator().manual_seed(seed),
-                device=device,
-                progress=False,
-            )
-            return EvalOutcome(tuple(result.accuracies))
+        evaluator = evaluator_on_test_set(data, eval_config, device=device)
 
     out.mkdir(parents=True, exist_ok=True)
     write_run_info(

@@ -30,6 +30,7 @@ from ._cpu import retain_freed_memory
 from .baselines import (
     BASELINE_LR,
     evaluate_against_random_real,
+    evaluator_on_test_set,
     random_real_baseline,
     random_real_subset,
     whole_dataset_baseline,
@@ -78,6 +79,7 @@ __all__ = [
     "resolve_models",
     "retain_freed_memory",
     "soft_cross_entropy",
+    "evaluator_on_test_set",
     "train_loss",
     "whole_dataset_baseline",
     "write_results",

@@ -196,3 +196,33 @@ def evaluate_against_random_real(
         meta={**(meta or {}), "ipc": ipc, "baseline": "random-real"},
     )
     return distilled, baseline
+
+
+def evaluator_on_test_set(dataset: ImageDataset, config: EvalConfig, *, device: DeviceLike = None):
+    """The distillation loop's evaluator (``datm_fast.distill.distill(..., evaluator=)``): trains
+    ``config.runs`` fresh models on the candidate set and tests them on ``dataset``'s test split,
+    seeded by the seed the loop passes, without a progress bar (the loop has its own).
+
+    Example::
+
+        result = distill(data, buffer, cfg, evaluator=evaluator_on_test_set(data, EvalConfig(runs=2)))
+    """
+    from ..distill.loop import EvalOutcome  # late: the distill package must import without this one
+
+    ds = _check_dataset(dataset)
+
+    def evaluator(images: Tensor, labels: Tensor, lr: float, seed: int) -> EvalOutcome:
+        result = evaluate_synset(
+            images,
+            labels,
+            lr,
+            ds.test_images,
+            ds.test_labels,
+            config,
+            generator=torch.Generator().manual_seed(seed),
+            device=device,
+            progress=False,
+        )
+        return EvalOutcome(tuple(result.accuracies))
+
+    return evaluator
