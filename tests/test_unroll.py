@@ -335,3 +335,28 @@ def test_exact_equals_full_on_gpu():
     assert exact[1].is_cuda
     for got, ref in zip(exact, full):
         assert _rel(got, ref) < 1e-10
+
+
+@pytest.mark.parametrize("unroll", ["exact", "tesla", "full"])
+def test_engines_read_no_tensor_value_on_the_host_once_the_plan_is_drawn(unroll, monkeypatch):
+    """A precondition of capturing an unroll as a CUDA graph (and of not stalling a GPU): with the plan
+    drawn up front, forward and backward never bring a tensor's value to Python (each of these would
+    be a device-to-host copy and a synchronisation on a GPU)."""
+    spec = ConvNetSpec(3, 4, 8, width=4, depth=2)
+    start, target, images, labels, lr = _problem(spec, 6, seed=8, dtype=torch.float32)
+    plan = make_unroll_plan(6, 3, 3, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(8))
+    x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
+    reads = []
+    for name in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def recording(self, *args, _name=name, _original=original, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recording)
+    loss = trajectory_matching_loss(spec, start, target, x, y, a, plan=plan, unroll=unroll, micro_batch=2)
+    loss.backward()
+    monkeypatch.undo()
+    assert reads == []
+    assert x.grad is not None and x.grad.abs().sum() > 0
