@@ -14,7 +14,8 @@ piece of the engine back to what it was before the change:
 - ``both``: the two together (the engine of 2026-12-03);
 - ``taps-all``: both, and ``<grad, lam>`` taken through the conv outputs instead of the conv weight
   gradients (``unroll._gradient_dot``) in every layer;
-- ``shipped``: the same in every layer but the first, the engine as shipped.
+- ``taps``: the same in every layer but the first (the autograd reverse step as of 2026-12-04);
+- ``shipped``: the reverse step written out (``datm_fast.distill.explicit_step``), no autograd graph.
 
 The fused norm/ReLU/pool kernels are on in every variant. ``benchmarks/NOTES.md`` section 5 quotes
 these runs.
@@ -51,13 +52,18 @@ def _weight_gradient_dot(loss, taps, leaves, lam_parts, kernels):
     return sum((g * lp).sum() for g, lp in zip(gs, lam_parts))
 
 
+def _never(spec, fused):
+    return False
+
+
 VARIANTS = {
-    "base": (_aten_conv, _nchw_layout, _weight_gradient_dot),
-    "conv": (ops.conv2d, _nchw_layout, _weight_gradient_dot),
-    "layout": (_aten_conv, unroll._in_layout, _weight_gradient_dot),
-    "both": (ops.conv2d, unroll._in_layout, _weight_gradient_dot),
-    "taps-all": (ops.conv2d, unroll._in_layout, functools.partial(unroll._gradient_dot, min_reduction=0)),
-    "shipped": (ops.conv2d, unroll._in_layout, unroll._gradient_dot),
+    "base": (_aten_conv, _nchw_layout, _weight_gradient_dot, _never),
+    "conv": (ops.conv2d, _nchw_layout, _weight_gradient_dot, _never),
+    "layout": (_aten_conv, unroll._in_layout, _weight_gradient_dot, _never),
+    "both": (ops.conv2d, unroll._in_layout, _weight_gradient_dot, _never),
+    "taps-all": (ops.conv2d, unroll._in_layout, functools.partial(unroll._gradient_dot, min_reduction=0), _never),
+    "taps": (ops.conv2d, unroll._in_layout, unroll._gradient_dot, _never),
+    "shipped": (ops.conv2d, unroll._in_layout, unroll._gradient_dot, unroll.explicit_step_supported),
 }
 
 
@@ -66,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="cifar10-ipc10", choices=list(SHAPES))
     parser.add_argument("--steps", type=int, default=4, help="syn_steps (the full shape's are many minutes)")
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, base first")
     args = parser.parse_args(argv)
     shape = replace(SHAPES[args.config], syn_steps=args.steps)
     device = torch.device("cpu")
@@ -73,26 +80,27 @@ def main(argv: list[str] | None = None) -> int:
     shipped = VARIANTS["shipped"]
 
     def timed(variant: str) -> float:
-        ops.conv2d, unroll._in_layout, unroll._gradient_dot = VARIANTS[variant]
+        ops.conv2d, unroll._in_layout, unroll._gradient_dot, unroll.explicit_step_supported = VARIANTS[variant]
         try:
             t0 = time.perf_counter()
             _iteration(spec, problem, shape, "exact", None, 5, device, "auto")
             return time.perf_counter() - t0
         finally:
-            ops.conv2d, unroll._in_layout, unroll._gradient_dot = shipped
+            ops.conv2d, unroll._in_layout, unroll._gradient_dot, unroll.explicit_step_supported = shipped
 
     print(f"# {' · '.join(f'{k} {v}' for k, v in environment().items())}")
-    for variant in VARIANTS:
+    chosen = args.variants.split(",")
+    for variant in chosen:
         timed(variant)  # warm-up: oneDNN builds its kernels per shape and format
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
+    times: dict[str, list[float]] = {v: [] for v in chosen}
+    order = list(chosen)
     for r in range(args.rounds):
         for variant in order if r % 2 == 0 else order[::-1]:
             times[variant].append(timed(variant))
-    print(f"| {args.config} at {args.steps} steps | median s | speed-up over base (median of rounds) | range |")
+    print(f"| {args.config} at {args.steps} steps | median s | speed-up over {chosen[0]} (median of rounds) | range |")
     print("|---|---|---|---|")
     for variant, ts in times.items():
-        ratios = [b / t for b, t in zip(times["base"], ts)]
+        ratios = [b / t for b, t in zip(times[chosen[0]], ts)]
         print(
             f"| {variant} | {statistics.median(ts):.3f} | {statistics.median(ratios):.3f}x"
             f" | {min(ratios):.2f}-{max(ratios):.2f}x |"

@@ -127,12 +127,13 @@ def test_full_engine_is_upstreams_loop():
     assert _rel(x.grad, x_syn.grad) < 1e-10
 
 
-def test_exact_reverse_step_runs_eight_convolutions_per_layer(monkeypatch):
+@pytest.mark.parametrize("step", ["explicit", "autograd"])
+def test_exact_reverse_step_runs_eight_convolutions_per_layer(step, monkeypatch):
     """The reverse step's cost: taking <grad, lam> through the conv outputs (the weight gradient's adjoint
     identity) leaves 8 convolutions per layer (forward, input gradient, the direction's conv, and their
-    derivatives) where differentiating the weight gradients takes 9; the first layer (a 27-long
-    reduction, below the identity's threshold) keeps its weight gradient: 6, as its input gradient is
-    needed only in the second derivative."""
+    derivatives) where differentiating the weight gradients takes 9. In the first layer the explicit
+    step runs 5 (no input gradient in the first derivative); the autograd step keeps the first
+    layer's weight gradient (a 27-long reduction, below the identity's threshold): 6."""
     import datm_fast.ops as ops
 
     calls = [0]
@@ -146,6 +147,8 @@ def test_exact_reverse_step_runs_eight_convolutions_per_layer(monkeypatch):
         calls[0] += sum(mask[:2])  # one call may run the input- and the weight-gradient kernels
         return conv_backward(grad_y, x, w, padding, mask)
 
+    if step == "autograd":
+        monkeypatch.setattr(unroll_module, "explicit_step_supported", lambda spec, fused: False)
     spec = ConvNetSpec(3, 10, 16, width=8, depth=3)
     start, target, images, labels, lr = _problem(spec, 4, seed=3, dtype=torch.float32)
     syn_steps = 3
@@ -156,7 +159,8 @@ def test_exact_reverse_step_runs_eight_convolutions_per_layer(monkeypatch):
     monkeypatch.setattr(F, "conv2d", counting_conv)
     monkeypatch.setattr(ops, "_conv_backward", counting_backward)
     loss.backward()
-    assert calls[0] == syn_steps * (6 + 8 * (spec.depth - 1))
+    first_layer = 5 if step == "explicit" else 6
+    assert calls[0] == syn_steps * (first_layer + 8 * (spec.depth - 1))
 
 
 def test_gradcheck_of_exact_engine():

@@ -60,6 +60,7 @@ from ..augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ..backends import Backend
 from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
 from ..ops import matching_loss
+from .explicit_step import explicit_step_supported, gradient, reverse_step
 
 __all__ = [
     "Unroll",
@@ -383,14 +384,72 @@ def _rollout(
         batch = int(step.indices.numel())
         grad = torch.zeros_like(theta)
         leaves = _leaves(spec, theta, kernels.channels_last)
+        explicit = explicit_step_supported(spec, kernels.fused)
         for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
             idx = step.indices[mb]
             aug = None if step.augment is None else step.augment[mb]
+            if explicit:
+                x = images[idx] if aug is None else apply_dsa(images[idx], aug)
+                if kernels.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                parts = gradient(spec, [p.detach() for p in leaves], x, labels[idx], batch, backend=kernels.backend)
+                grad += flatten_params(parts)
+                continue
             with torch.enable_grad():
                 loss = _leaf_step_loss(spec, leaves, images[idx], labels[idx], aug, batch, kernels)
                 grad += flatten_params(list(torch.autograd.grad(loss, leaves)))
         theta = theta - lr_value * grad
     return thetas, theta
+
+
+def _reverse_autograd(spec, leaves, lam_parts, images, labels, augment, batch, kernels, hvp, need_x, need_y):
+    """One micro-batch of the reverse step through autograd: ``(H lam, d dot/dX, d dot/dY, dot)``."""
+    with torch.enable_grad():
+        x = images.requires_grad_(need_x)
+        y = labels.requires_grad_(need_y)
+        taps: list[tuple[Tensor, Tensor, int, int]] = []
+        loss = _leaf_step_loss(spec, leaves, x, y, augment, batch, kernels, taps)
+        dot = _gradient_dot(loss, taps, leaves, lam_parts, kernels)
+        wrt = (leaves if hvp else []) + [t for t, need in ((x, need_x), (y, need_y)) if need]
+        grads = list(torch.autograd.grad(dot, wrt, allow_unused=True) if wrt else [])
+    step_hvp = None
+    if hvp:
+        step_hvp = flatten_params([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)])
+        del grads[: len(leaves)]
+    gx = grads.pop(0) if need_x else None
+    gy = grads.pop(0) if need_y else None
+    return step_hvp, gx, gy, dot.detach()
+
+
+def _reverse_explicit(spec, leaves, lam_parts, images, labels, augment, batch, kernels, hvp, need_x, need_y):
+    """The same as :func:`_reverse_autograd`, with the network's part written out
+    (``datm_fast.distill.explicit_step``); autograd runs only DSA's adjoint."""
+    x = images
+    if augment is not None:
+        with torch.enable_grad():
+            x_in = images.requires_grad_(need_x)
+            x = apply_dsa(x_in, augment)
+    x_net = x.detach()
+    if kernels.channels_last:
+        x_net = x_net.contiguous(memory_format=torch.channels_last)
+    params = [p.detach() for p in leaves]
+    result = reverse_step(
+        spec,
+        params,
+        lam_parts,
+        x_net,
+        labels,
+        batch,
+        backend=kernels.backend,
+        need_hvp=hvp,
+        need_inputs=need_x,
+        need_labels=need_y,
+    )
+    gx = result.grad_inputs
+    if gx is not None and augment is not None:
+        (gx,) = torch.autograd.grad(x, x_in, gx)
+    step_hvp = flatten_params(result.hvp) if hvp else None
+    return step_hvp, gx, result.grad_labels, result.dot
 
 
 class _CheckpointedUnroll(torch.autograd.Function):
@@ -427,28 +486,18 @@ class _CheckpointedUnroll(torch.autograd.Function):
             for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
                 idx = step.indices[mb]
                 aug = None if step.augment is None else step.augment[mb]
-                with torch.enable_grad():
-                    x = images[idx].requires_grad_(need_x)
-                    y = labels[idx].requires_grad_(need_y)
-                    taps: list[tuple[Tensor, Tensor, int, int]] = []
-                    loss = _leaf_step_loss(spec, leaves, x, y, aug, batch, ctx.kernels, taps)
-                    dot = _gradient_dot(loss, taps, leaves, lam_parts, ctx.kernels)
-                    wrt = (leaves if exact else []) + [t for t, need in ((x, need_x), (y, need_y)) if need]
-                    grads = torch.autograd.grad(dot, wrt, allow_unused=True) if wrt else []
-                grads = list(grads)
+                reverse = _reverse_explicit if explicit_step_supported(spec, ctx.kernels.fused) else _reverse_autograd
+                step_hvp, gx, gy, dot = reverse(
+                    spec, leaves, lam_parts, images[idx], labels[idx], aug, batch, ctx.kernels, exact, need_x, need_y
+                )
                 if exact:
-                    hvp += flatten_params([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, leaves)])
-                    del grads[: len(leaves)]
-                if need_x:
-                    gx = grads.pop(0)
-                    if gx is not None:
-                        grad_images.index_add_(0, idx, -lr * gx)
-                if need_y:
-                    gy = grads.pop(0)
-                    if gy is not None:
-                        grad_labels.index_add_(0, idx, -lr * gy)
+                    hvp += step_hvp
+                if need_x and gx is not None:
+                    grad_images.index_add_(0, idx, -lr * gx)
+                if need_y and gy is not None:
+                    grad_labels.index_add_(0, idx, -lr * gy)
                 if need_lr:
-                    grad_lr -= dot.detach()
+                    grad_lr -= dot
             if exact:
                 lam = lam - lr * hvp
         return (
