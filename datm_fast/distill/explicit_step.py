@@ -176,7 +176,7 @@ def reverse_step(
                 bar_h[layer_index], _ = _conv_grads(dz, h_in, lam[k], padding, True, False)
             if bar_dh is not None:
                 # dhs[layer_index] = input_grad(dz, W): its adjoint reaches dz and W
-                bar_dz = bar_dz + F.conv2d(bar_dh, params[k], None, padding=padding)
+                bar_dz.add_(F.conv2d(bar_dh, params[k], None, padding=padding))
                 if need_hvp:
                     _, gw = _conv_grads(dz, bar_dh, params[k], padding, False, True)
                     hvp[k] += gw
@@ -196,6 +196,7 @@ def reverse_step(
             bar_zs.append(bar_z)
             if need_hvp:
                 hvp[k + 2] += bar_gamma.sum(0)
+        del dzs, dhs  # the first-order values are spent: the step's peak memory is in part 2
         # dh_L = dlog Wc, gWc = dlog^T flat, gbc = sum(dlog)
         bar_dh_flat = bar_dh.reshape(flat.shape)
         bar_dlog = bar_dh_flat @ wc.t() + flat @ lam_wc.t() + lam_bc
@@ -221,7 +222,8 @@ def reverse_step(
             bar_out_z, sum_gn, sum_gn_xhat = ops._block_backward_impl(
                 block_backend, bar_out, zs[layer_index], params[k + 2], params[k + 3], mean, rstd
             )
-            bar_z = bar_zs[layer_index] + bar_out_z
+            bar_z = bar_out_z.add_(bar_zs[layer_index])
+            bar_zs[layer_index] = zs[layer_index] = None  # type: ignore[call-overload]
             if need_hvp:
                 hvp[k + 2] += sum_gn_xhat.sum(0)
                 hvp[k + 3] += sum_gn.sum(0)
@@ -231,7 +233,8 @@ def reverse_step(
             if need_hvp:
                 hvp[k] += g_w
             if need_below:
-                bar_out = g_in if bar_h[layer_index] is None else g_in + bar_h[layer_index]
+                bar_out = g_in if bar_h[layer_index] is None else g_in.add_(bar_h[layer_index])
+            bar_h[layer_index] = hs[layer_index + 1] = None  # type: ignore[call-overload]
             if layer_index == 0 and need_inputs:
                 grad_inputs = bar_out
     return ReverseStepResult(hvp, grad_inputs, bar_labels, dot)

@@ -29,7 +29,9 @@ the outer optimiser needs. Three engines compute it:
 
     ``dot`` is formed without the convolution weight gradients: ``<grad_W l, lam_W> = <grad_y l, conv(x,
     lam_W)>`` for a convolution ``y = conv(x, W)`` (see ``_gradient_dot``), which saves one of the
-    nine convolutions each layer after the first costs in this step.
+    nine convolutions each layer after the first costs in this step. For the fused instance-norm
+    ConvNet the step (and the roll-out's) is written out kernel by kernel, without an autograd graph
+    (``datm_fast.distill.explicit_step``); other architectures run it through autograd.
 
     A step's batch is split into micro-batches (samples are independent under instance norm, so the
     gradient is a sum over micro-batches); only one micro-batch's graph lives at a time. With batch
