@@ -264,11 +264,11 @@ class _Conv(torch.autograd.Function):
         need_b = need_b and ctx.has_bias and _will_be_used(b)
         if not torch.is_grad_enabled():
             # A first-order backward (the roll-out): one library call for all three gradients.
-            gx, gw, gb = _conv_backward(grad_y, x, w, ctx.padding, [need_x, need_w, need_b and ctx.has_bias])
+            gx, gw, gb = _conv_backward(grad_y, x, w, ctx.padding, [need_x, need_w, need_b])
             return gx, gw, gb, None
         gx = _ConvInputGrad.apply(grad_y, w, x, ctx.padding) if need_x else None
         gw = _ConvWeightGrad.apply(grad_y, x, w, ctx.padding) if need_w else None
-        gb = grad_y.sum((0, 2, 3)) if need_b and ctx.has_bias else None
+        gb = grad_y.sum((0, 2, 3)) if need_b else None
         return gx, gw, gb, None
 
 

@@ -13,7 +13,8 @@ default), one micro-batch of the reverse step (``datm_fast.distill.unroll``) is
 which is what ``torch.autograd.grad`` of ``dot`` computes through the graph of the create_graph
 gradient; here there is no graph: each of the 8 convolutions per layer (5 in the first) and each block
 kernel is one call, and nothing is saved that the step does not read again. The gradient is the same
-to rounding (``tests/test_unroll.py`` compares them in float64 to 1e-10); what it saves is autograd's
+to rounding (``tests/test_explicit_step.py`` compares the steps with autograd, ``tests/test_unroll.py``
+the engine on them with the full engine, both in float64 to 1e-10); what it saves is autograd's
 bookkeeping, measured at 10-12% of an IPC 1 iteration on CPU (``benchmarks/NOTES.md``), and it is the
 shape a CUDA graph can capture. Other architectures keep the autograd step.
 

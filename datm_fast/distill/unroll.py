@@ -381,12 +381,12 @@ def _rollout(
     thetas = _trajectory_storage(len(plan), start)
     theta = start.detach()
     lr_value = lr.detach()
+    explicit = explicit_step_supported(spec, kernels.fused)
     for i, step in enumerate(plan.steps):
         thetas[i] = theta
         batch = int(step.indices.numel())
         grad = torch.zeros_like(theta)
         leaves = _leaves(spec, theta, kernels.channels_last)
-        explicit = explicit_step_supported(spec, kernels.fused)
         for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
             idx = step.indices[mb]
             aug = None if step.augment is None else step.augment[mb]
@@ -479,6 +479,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         grad_labels = torch.zeros_like(labels)
         grad_lr = torch.zeros_like(lr)
         exact = unroll == "exact"
+        reverse = _reverse_explicit if explicit_step_supported(spec, ctx.kernels.fused) else _reverse_autograd
         for i in reversed(range(len(plan))):
             step = plan.steps[i]
             batch = int(step.indices.numel())
@@ -488,7 +489,6 @@ class _CheckpointedUnroll(torch.autograd.Function):
             for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
                 idx = step.indices[mb]
                 aug = None if step.augment is None else step.augment[mb]
-                reverse = _reverse_explicit if explicit_step_supported(spec, ctx.kernels.fused) else _reverse_autograd
                 step_hvp, gx, gy, dot = reverse(
                     spec, leaves, lam_parts, images[idx], labels[idx], aug, batch, ctx.kernels, exact, need_x, need_y
                 )

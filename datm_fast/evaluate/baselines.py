@@ -22,6 +22,7 @@ __all__ = [
     "random_real_baseline",
     "whole_dataset_baseline",
     "evaluate_against_random_real",
+    "evaluator_on_test_set",
 ]
 
 BASELINE_LR = 0.01  # upstream baseline.py trains real data with lr_teacher = 0.01
@@ -141,6 +142,34 @@ def whole_dataset_baseline(
     )
 
 
+def _evaluate_on_test_split(
+    images: Tensor,
+    labels: Tensor,
+    lr: Union[float, Tensor],
+    dataset: ImageDataset,
+    config: EvalConfig,
+    seed: int,
+    device: DeviceLike,
+    *,
+    name: str = "",
+    progress: bool,
+) -> EvalResult:
+    """:func:`evaluate_synset` of a candidate set on ``dataset``'s test split, from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return evaluate_synset(
+        images,
+        labels,
+        lr,
+        dataset.test_images,
+        dataset.test_labels,
+        config,
+        generator=generator,
+        device=device,
+        name=name,
+        progress=progress,
+    )
+
+
 def evaluate_against_random_real(
     images: Tensor,
     labels: Tensor,
@@ -167,18 +196,7 @@ def evaluate_against_random_real(
     Returns ``(distilled, baseline)``.
     """
     ds = _check_dataset(dataset)
-    distilled = evaluate_synset(
-        images,
-        labels,
-        lr,
-        ds.test_images,
-        ds.test_labels,
-        config,
-        generator=torch.Generator().manual_seed(seed),
-        device=device,
-        name=name,
-        progress=progress,
-    )
+    distilled = _evaluate_on_test_split(images, labels, lr, ds, config, seed, device, name=name, progress=progress)
     baseline = random_real_baseline(
         ds,
         ipc,
@@ -212,17 +230,7 @@ def evaluator_on_test_set(dataset: ImageDataset, config: EvalConfig, *, device: 
     ds = _check_dataset(dataset)
 
     def evaluator(images: Tensor, labels: Tensor, lr: float, seed: int) -> EvalOutcome:
-        result = evaluate_synset(
-            images,
-            labels,
-            lr,
-            ds.test_images,
-            ds.test_labels,
-            config,
-            generator=torch.Generator().manual_seed(seed),
-            device=device,
-            progress=False,
-        )
+        result = _evaluate_on_test_split(images, labels, lr, ds, config, seed, device, progress=False)
         return EvalOutcome(tuple(result.accuracies))
 
     return evaluator
