@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if device.type == "cpu":
-        from datm_fast.evaluate import retain_freed_memory
+        from datm_fast.utils import retain_freed_memory
 
         retain_freed_memory()
     print(f"# torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")

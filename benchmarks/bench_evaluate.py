@@ -233,10 +233,10 @@ def main() -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--ipc", default="10,50")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--retain-memory", action="store_true", help="datm_fast.evaluate.retain_freed_memory() first")
+    parser.add_argument("--retain-memory", action="store_true", help="datm_fast.utils.retain_freed_memory() first")
     args = parser.parse_args()
     if args.retain_memory:
-        from datm_fast.evaluate import retain_freed_memory
+        from datm_fast.utils import retain_freed_memory
 
         print("retain_freed_memory:", retain_freed_memory())
     cpu = torch.device("cpu")

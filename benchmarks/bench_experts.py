@@ -21,9 +21,10 @@ Providers:
 * ``upstream-style``: what upstream's ``buffer_FTD.py`` does per step, minus its data loader and its
   per-sample Python DSA loops: an ``nn.Module`` ConvNet (NCHW), our DSA, and GSAM written as
   upstream's ``gsam.py`` (per-tensor loops, perturb / unperturb). A same-machine, same-load baseline.
-* ``datm_fast aten``: :class:`~datm_fast.experts.ExpertTrainer` with plain PyTorch ops (``kernels="aten"``).
-* ``datm_fast compile``: the trainer with ``torch.compile``-generated norm/ReLU/pool kernels.
-* ``datm_fast cpp``: the trainer with the hand-fused C++ kernels (the CPU default).
+* ``datm_fast torch``: :class:`~datm_fast.experts.ExpertTrainer` with PyTorch's separate ops for the
+  norm/ReLU/pool blocks (``backend="torch"``; called ``aten`` in results before 2026-12-04).
+* ``datm_fast cpp``: the trainer with the fused C++ block kernels (the CPU default).
+* ``datm_fast cuda``: the trainer with the fused CUDA block kernels (the GPU default).
 * ``... NCHW``: without channels_last; ``... K=2``: two experts per group (grouped convolutions).
 
 Upstream's own figures (DATM.md; measured by the project on the same kinds of machine): GSAM, batch
@@ -128,10 +129,10 @@ def make_runner(provider: str, ds: ImageDataset, optimizer: str, device: torch.d
     cfg = ExpertConfig(epochs=1, optimizer=optimizer)  # type: ignore[arg-type]
     if provider == "upstream-style":
         return (lambda: upstream_style_epoch(ds, optimizer, device)), 1
-    kernels = provider.split()[1]
+    backend = provider.split()[1]
     channels_last = "NCHW" not in provider
-    k = 2 if "K=2" in provider else 1
-    trainer = ExpertTrainer(ds, SPEC, cfg, device=device, kernels=kernels, channels_last=channels_last)
+    k = int(provider.split("K=")[1].split()[0]) if "K=" in provider else 1
+    trainer = ExpertTrainer(ds, SPEC, cfg, device=device, backend=backend, channels_last=channels_last)
 
     def run() -> None:
         trainer.train(list(range(k)))
@@ -140,8 +141,8 @@ def make_runner(provider: str, ds: ImageDataset, optimizer: str, device: torch.d
     return run, k
 
 
-PROVIDERS = ("upstream-style", "datm_fast aten", "datm_fast compile", "datm_fast cpp", "datm_fast cpp K=2")
-#: Also understood by --providers: "datm_fast aten NCHW", "datm_fast cpp NCHW", "datm_fast compile K=2", ...
+PROVIDERS = ("upstream-style", "datm_fast torch", "datm_fast cpp", "datm_fast cpp K=2")
+#: Also understood by --providers: "datm_fast torch NCHW", "datm_fast cpp NCHW", "datm_fast cuda K=8", ...
 
 
 def measure(providers: list[str], optimizer: str, device: torch.device, images: int, repeats: int) -> list[dict]:
@@ -215,7 +216,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.retain_memory:
-        from datm_fast.evaluate._cpu import retain_freed_memory
+        from datm_fast.utils import retain_freed_memory
 
         print(f"retain_freed_memory: {retain_freed_memory()}")
     opts = ("gsam", "sgd") if args.optimizer == "both" else (args.optimizer,)

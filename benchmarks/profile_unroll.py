@@ -3,26 +3,33 @@
     python benchmarks/profile_unroll.py --config cifar10-ipc10 --steps 8
     python benchmarks/profile_unroll.py --config cifar10-ipc1 --steps 80
 
-Every convolution (forward, backward-data, backward-weights) and every fused block call is wrapped in a
-``perf_counter`` pair for one iteration after a warm-up; the rest of the wall time is Python, autograd
-and the small ops. Unlike ``torch.profiler``, whose own cost inflated per-op times unevenly here (8.5 s
-of profiled op time for an iteration that takes 5.4 s), this adds about a microsecond per call.
-Convolution rates are the call's FLOPs (2 x batch x C_out x H_out x W_out x C_in x 9) over its time.
+The exact engine's written-out step (``datm_fast.distill.explicit_step``) calls every kernel by name:
+the convolutions (``F.conv2d`` and ``conv2d_backward``: forward, backward-data, backward-weights) and
+the fused block's kernels (from the dispatcher ``block_kernels``). For one iteration after a warm-up
+each of those names is wrapped in a ``perf_counter`` pair; the rest of the wall time is Python,
+autograd (DSA's adjoint) and the small ops. Unlike ``torch.profiler``, whose own cost inflated per-op
+times unevenly here (8.5 s of profiled op time for an iteration that takes 5.4 s), or a
+``TorchDispatchMode`` (a Python call for every operator: twice the wall time of an IPC 1 iteration,
+2026-12-04), this adds about a microsecond per call. Convolution rates are the call's FLOPs
+(2 x batch x C_out x H_out x W_out x C_in x 9) over its time.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-import datm_fast.ops as ops
 from datm_fast.bench import SHAPES, _iteration, _problem, environment
-from datm_fast.evaluate import retain_freed_memory
+from datm_fast.ops import BlockKernels
+from datm_fast.utils import retain_freed_memory
+
+explicit_step = importlib.import_module("datm_fast.distill.explicit_step")
 
 
 def _conv_flops(x: torch.Tensor, w: torch.Tensor, padding: int) -> float:
@@ -45,46 +52,46 @@ def main(argv: list[str] | None = None) -> int:
 
     calls: dict[tuple, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0])  # count, seconds, flops
 
-    def timed(key, flops, fn, *a):
+    def timed(key, flops, fn, *a, **kw):
         t0 = time.perf_counter()
-        out = fn(*a)
+        out = fn(*a, **kw)
         entry = calls[key]
         entry[0] += 1
         entry[1] += time.perf_counter() - t0
         entry[2] += flops
         return out
 
-    conv_backward, conv2d = ops._conv_backward, F.conv2d
-    block = {
-        name: getattr(ops, name)
-        for name in ("_block_forward_impl", "_block_backward_impl", "_block_double_backward_impl")
-    }
+    conv2d, conv2d_backward, block_kernels = F.conv2d, explicit_step.conv2d_backward, explicit_step.block_kernels
 
-    def conv_backward_timed(grad_y, x, w, padding, mask):
+    def conv2d_timed(x, w, b=None, padding=0):
+        key = ("conv forward", f"{x.shape[1]}->{w.shape[0]} @{x.shape[2]}px")
+        return timed(key, _conv_flops(x, w, padding), conv2d, x, w, b, padding=padding)
+
+    def conv2d_backward_timed(grad_y, x, w, padding, *, need_input, need_weight):
         kind = {(True, False): "conv input grad", (False, True): "conv weight grad"}.get(
-            (mask[0], mask[1]), "conv input + weight grad"
+            (need_input, need_weight), "conv input + weight grad"
         )
         key = (kind, f"{x.shape[1]}->{w.shape[0]} @{x.shape[2]}px")
-        return timed(key, _conv_flops(x, w, padding) * sum(mask[:2]), conv_backward, grad_y, x, w, padding, mask)
+        flops = _conv_flops(x, w, padding) * (need_input + need_weight)
+        return timed(key, flops, conv2d_backward, grad_y, x, w, padding, need_input=need_input, need_weight=need_weight)
 
-    def conv2d_timed(x, w, b=None, stride=1, padding=0, *rest):
-        key = ("conv forward", f"{x.shape[1]}->{w.shape[0]} @{x.shape[2]}px")
-        return timed(key, _conv_flops(x, w, padding), conv2d, x, w, b, stride, padding, *rest)
+    def block_kernels_timed(backend, z):
+        kernels = block_kernels(backend, z)
 
-    z_position = {"_block_forward_impl": 0, "_block_backward_impl": 1, "_block_double_backward_impl": 4}
+        def wrap(name, fn, z_position):
+            return lambda *a: timed((f"block {name}", f"{a[z_position].shape[2]}px"), 0.0, fn, *a)
 
-    def block_timed(name):
-        def run(backend, *a):
-            key = (name.strip("_").removesuffix("_impl").replace("_", " "), f"{a[z_position[name]].shape[2]}px")
-            return timed(key, 0.0, block[name], backend, *a)
-
-        return run
+        return BlockKernels(
+            kernels.backend,
+            wrap("forward", kernels.forward, 0),
+            wrap("backward", kernels.backward, 1),
+            wrap("double backward", kernels.double_backward, 4),
+        )
 
     def patch(on: bool) -> None:
-        ops._conv_backward = conv_backward_timed if on else conv_backward
         F.conv2d = conv2d_timed if on else conv2d
-        for name in block:
-            setattr(ops, name, block_timed(name) if on else block[name])
+        explicit_step.conv2d_backward = conv2d_backward_timed if on else conv2d_backward
+        explicit_step.block_kernels = block_kernels_timed if on else block_kernels
 
     _iteration(spec, problem, shape, "exact", None, 0, device, "auto")  # warm-up
     patch(True)

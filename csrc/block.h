@@ -71,8 +71,9 @@ DATM_HD T block_grad_z(T gn, T xhat, const BlockPlane<T>& p, T mean_gn, T mean_g
   return block_grad_z(gn, xhat, p.gamma, p.rstd, mean_gn, mean_gn_xhat);
 }
 
-// Double backward. Inputs per plane: the adjoints u (of dz, per element), u_gamma and u_beta (of
-// dgamma and dbeta, per channel), and five plane sums of the first pass.
+// Double backward. Inputs per plane: the adjoints u (of dz, per element), u_gamma and u_beta (of the
+// plane's sums sum(gn * xhat) and sum(gn), whose batch sums are dgamma and dbeta), and five plane sums
+// of the first pass.
 template <typename T>
 struct BlockDoubleBackwardSums {
   T gn, gn_xhat, u, u_xhat, u_gn;

@@ -49,9 +49,9 @@ struct BlockArgs {
   T* mean;  // written by the forward, read by the others
   T* rstd;
   const T* grad_out;  // (B, C, Ho, Wo)
-  const T* u;         // double backward: adjoints of dz, dgamma, dbeta
-  const T* u_gamma;
-  const T* u_beta;
+  const T* u;         // double backward: adjoints of dz (per element) and of the per-plane sums
+  const T* u_gamma;   // (B, C): adjoint of sum_gn_xhat, whose batch sum is dgamma
+  const T* u_beta;    // (B, C): adjoint of sum_gn, whose batch sum is dbeta
   T* out;      // forward: pooled output; backward: dz; double backward: d_z
   T* out2;     // backward: sum_gn; double backward: d_grad_out
   T* out3;     // backward: sum_gn_xhat; double backward: d_gamma per plane
@@ -165,7 +165,7 @@ DATM_ALWAYS_INLINE void double_backward_planes_impl(const BlockArgs<T>& a, int64
       }
     }
     const BlockDoubleBackwardSums<T> sums{s_gn, s_gn_xhat, s_u, s_u_xhat, s_u_gn};
-    const T u_gamma = a.u_gamma[c], u_beta = a.u_beta[c];
+    const T u_gamma = a.u_gamma[pl], u_beta = a.u_beta[pl];
     const BlockDoubleBackwardPlane<T> q = block_double_backward_plane(sums, M, prm, u_gamma);
     a.out3[pl] = q.d_gamma;
     // Pass 2 (from L1): d_z over gn, and the window sums of the pre-pooling adjoint into d_grad_out.
@@ -300,9 +300,9 @@ DATM_ALWAYS_INLINE void double_backward_samples_cl_impl(const BlockArgs<T>& a, i
     *qrho = work + 10 * C;
   const T* __restrict__ gam = a.gamma;
   const T* __restrict__ bet = a.beta;
-  const T* __restrict__ ug = a.u_gamma;
-  const T* __restrict__ ub = a.u_beta;
   for (int64_t b = b0; b < b1; ++b) {
+    const T* __restrict__ ug = a.u_gamma + b * C;
+    const T* __restrict__ ub = a.u_beta + b * C;
     const T* x = a.z + b * HW * C;
     const T* uu = a.u + b * HW * C;
     const T* g = a.grad_out + b * s.Mo() * C;
@@ -336,7 +336,7 @@ DATM_ALWAYS_INLINE void double_backward_samples_cl_impl(const BlockArgs<T>& a, i
     for (int64_t c = 0; c < C; ++c) {
       const BlockPlane<T> prm{mean[c], rstd[c], a.gamma[c], a.beta[c]};
       const BlockDoubleBackwardSums<T> sums{s_gn[c], s_gnx[c], s_u[c], s_ux[c], s_ugn[c]};
-      const BlockDoubleBackwardPlane<T> q = block_double_backward_plane(sums, HW, prm, a.u_gamma[c]);
+      const BlockDoubleBackwardPlane<T> q = block_double_backward_plane(sums, HW, prm, ug[c]);
       qU1[c] = q.U1, qU2[c] = q.U2, qBm[c] = q.Bm, qmv[c] = q.mean_v, qmvx[c] = q.mean_v_xhat, qrho[c] = q.rho_term;
       dgam[c] = q.d_gamma;
     }
@@ -478,8 +478,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cpu(
     const at::Tensor& rstd_in) {
   const BlockShape s = check_block_inputs("block_double_backward", z_in, gamma_in, beta_in);
   check_block_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
-  check_block_like("block_double_backward", "u_gamma", u_gamma_in, {s.C}, z_in);
-  check_block_like("block_double_backward", "u_beta", u_beta_in, {s.C}, z_in);
+  check_block_like("block_double_backward", "u_gamma", u_gamma_in, {s.B, s.C}, z_in);
+  check_block_like("block_double_backward", "u_beta", u_beta_in, {s.B, s.C}, z_in);
   check_block_like("block_double_backward", "grad_out", gp_in, {s.B, s.C, s.Ho, s.Wo}, z_in);
   check_block_like("block_double_backward", "mean", mean_in, {s.B, s.C}, z_in);
   check_block_like("block_double_backward", "rstd", rstd_in, {s.B, s.C}, z_in);

@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
     acc[4] += uu[k] * gn;
   }
   block_sum(acc);
-  const T ug = u_gamma[plane % C], ub = u_beta[plane % C];
+  const T ug = u_gamma[plane], ub = u_beta[plane];
   const BlockDoubleBackwardSums<T> sums{acc[0], acc[1], acc[2], acc[3], acc[4]};
   const BlockDoubleBackwardPlane<T> q = block_double_backward_plane(sums, M, p, ug);
   if (threadIdx.x == 0) d_gamma[plane] = q.d_gamma;

@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_double_backward_cuda_impl(
   check_cuda("block_double_backward", z_in);
   const int64_t B = z_in.size(0), C = z_in.size(1), H = z_in.size(2), W = z_in.size(3);
   check_block_like("block_double_backward", "u", u_in, z_in.sizes(), z_in);
-  check_block_like("block_double_backward", "u_gamma", u_gamma_in, {C}, z_in);
-  check_block_like("block_double_backward", "u_beta", u_beta_in, {C}, z_in);
+  check_block_like("block_double_backward", "u_gamma", u_gamma_in, {B, C}, z_in);
+  check_block_like("block_double_backward", "u_beta", u_beta_in, {B, C}, z_in);
   check_block_like("block_double_backward", "grad_out", gp_in, {B, C, H / 2, W / 2}, z_in);
   check_block_like("block_double_backward", "mean", mean_in, {B, C}, z_in);
   check_block_like("block_double_backward", "rstd", rstd_in, {B, C}, z_in);

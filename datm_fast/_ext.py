@@ -2,8 +2,9 @@
 
 As xformers' _cpp_lib does: try once, on failure remember the exception and warn once; every op then
 takes its PyTorch path and :func:`datm_fast.backend_info` reports why the compiled backends are off.
-Loading registers the ``torch.ops.datm_fast.*`` operators, their fake (meta) kernels and autograd
-formulas. Loading never initialises CUDA.
+Loading registers the ``torch.ops.datm_fast.*`` operators; each op's module in :mod:`datm_fast.ops`
+adds their fake (meta) kernels and autograd formulas through :func:`on_load`, so that everything an
+op is (kernel, autograd, fake kernel, reference) is found in one place. Loading never initialises CUDA.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
-import torch
+__all__ = ["ExtensionStatus", "extension_status", "load_extension", "on_load"]
 
-__all__ = ["ExtensionStatus", "extension_status", "load_extension"]
+# Python parts of the compiled operators (fake kernels, autograd), registered once the library loads.
+_ON_LOAD: list[Callable[[], None]] = []
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,8 @@ def extension_status() -> ExtensionStatus:
     except Exception as exc:  # an ABI mismatch raises OSError or RuntimeError, not ImportError
         warnings.warn(f"datm_fast._C failed to load: {exc!r}", RuntimeWarning, stacklevel=3)
         return ExtensionStatus(None, f"{type(exc).__name__}: {exc}")
-    _register_python_parts()
+    for register in _ON_LOAD:
+        register()
     return ExtensionStatus(module, None)
 
 
@@ -66,26 +70,10 @@ def load_extension() -> ModuleType | None:
     return extension_status().module
 
 
-def _register_python_parts() -> None:
-    """Fake kernels (for torch.compile / opcheck) and autograd formulas of the compiled operators."""
-
-    @torch.library.register_fake("datm_fast::param_distance")
-    def _param_distance_fake(student, start, target):
-        return student.new_empty(()), student.new_empty(())
-
-    @torch.library.register_fake("datm_fast::param_distance_backward")
-    def _param_distance_backward_fake(grad_num, grad_den, student, start, target):
-        return torch.empty_like(student), torch.empty_like(student), torch.empty_like(student)
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_num, grad_den):
-        student, start, target = ctx.saved_tensors
-        if grad_num is None:
-            grad_num = student.new_zeros(())
-        if grad_den is None:
-            grad_den = student.new_zeros(())
-        return torch.ops.datm_fast.param_distance_backward(grad_num, grad_den, student, start, target)
-
-    torch.library.register_autograd("datm_fast::param_distance", _backward, setup_context=_setup_context)
+def on_load(register: Callable[[], None]) -> None:
+    """Run ``register`` (a function that registers fake kernels and autograd formulas of compiled
+    operators) once ``datm_fast._C`` has loaded: now if it already has, else right after it loads."""
+    if extension_status.cache_info().currsize and extension_status().loaded:
+        register()
+    else:
+        _ON_LOAD.append(register)

@@ -207,7 +207,7 @@ def run_bench_isolated(shape: BenchShape, engine: str, **kwargs: Any) -> BenchRe
     )
     env = os.environ.copy()
     if str(kwargs.get("device", "cpu")).startswith("cpu"):
-        # As the CPU commands run (datm_fast.evaluate.retain_freed_memory): glibc keeps freed blocks
+        # As the CPU commands run (datm_fast.utils.retain_freed_memory): glibc keeps freed blocks
         # instead of unmapping them, so each step does not page-fault its activations in again
         # (CIFAR-10 IPC 1 exact: 7.24 +- 0.72 s -> 6.45 +- 0.04 s measured 2026-11-24).
         env.setdefault("MALLOC_MMAP_MAX_", "0")

@@ -126,7 +126,7 @@ class ReproducePreset:
     expert_optimizer: str = "gsam"  # "gsam" (DATM's buffer_FTD.py) or "sgd" (MTT)
     expert_lr: float = 0.01
     expert_batch: int = 256
-    expert_kernels: str = "auto"  # ExpertTrainer's block kernels: auto, cpp, compile, aten (same results to rounding)
+    expert_backend: str = "auto"  # ExpertTrainer's block backend: auto, torch, cpp, cuda (same results to rounding)
     model: str = "ConvNet"  # distilled and evaluated with (the configs' ConvNet: width 128, depth 3, instance norm)
     iterations: int | None = None  # distillation iterations; None: the shipped config's (10,000)
     distill_overrides: tuple[tuple[str, Any], ...] = ()  # (key, value) pairs; a mapping is accepted
@@ -158,11 +158,13 @@ class ReproducePreset:
         set_(self, "experts", _positive_int("experts", self.experts))
         set_(self, "expert_epochs", _positive_int("expert_epochs", self.expert_epochs))
         set_(self, "expert_batch", _positive_int("expert_batch", self.expert_batch))
+        from .backends import BACKENDS
         from .experts.config import OPTIMIZERS
-        from .experts.train import KERNELS
 
-        if self.expert_kernels not in KERNELS:
-            raise ValueError(f"ReproducePreset.expert_kernels must be one of {KERNELS}, got {self.expert_kernels!r}")
+        if self.expert_backend not in ("auto",) + BACKENDS:
+            raise ValueError(
+                f"ReproducePreset.expert_backend must be one of {('auto',) + BACKENDS}, got {self.expert_backend!r}"
+            )
 
         if self.expert_optimizer not in OPTIMIZERS:
             raise ValueError(
@@ -235,7 +237,7 @@ PRESETS: Mapping[str, ReproducePreset] = MappingProxyType(
             expert_optimizer="sgd",
             expert_lr=0.05,
             expert_batch=64,
-            expert_kernels="aten",  # no C++ build (about 40 s on first use) for 4 expert-epochs
+            expert_backend="torch",  # PyTorch's ops: the smoke test runs where datm_fast._C is not built too
             model="ConvNetW32",
             iterations=5,
             distill_overrides={
@@ -639,7 +641,7 @@ def run_reproduce(
             preset.experts,
             model_name=preset.model,
             device=dev,
-            kernels=preset.expert_kernels,
+            backend=preset.expert_backend,
             progress=progress,
         )
     except ExpertBufferError as exc:
@@ -664,7 +666,7 @@ def run_reproduce(
         return _json_roundtrip(
             {
                 "preset": {
-                    k: v for k, v in preset.to_dict().items() if k not in ("description", "ipcs", "expert_kernels")
+                    k: v for k, v in preset.to_dict().items() if k not in ("description", "ipcs", "expert_backend")
                 },
                 "seed": seed,
                 "buffer_epochs": buffer.num_epochs,
@@ -841,7 +843,7 @@ def _run(args: argparse.Namespace) -> int:
     from .utils import resolve_device
 
     if resolve_device(args.device).type == "cpu":
-        from .evaluate import retain_freed_memory
+        from .utils import retain_freed_memory
 
         retain_freed_memory()  # as datm-fast eval and distill do on CPU: no page faults on reused activations
     result = run_reproduce(

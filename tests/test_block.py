@@ -15,7 +15,7 @@ import torch
 
 import datm_fast
 from datm_fast.models import ConvNetSpec, convnet_apply, init_flat_params, unflatten_params
-from datm_fast.ops import norm_relu_pool
+from datm_fast.ops import block_kernels, norm_relu_pool, norm_relu_pool_why_not, resolve_block_backend
 from datm_fast.reference.block import (
     block_backward_reference,
     block_double_backward_reference,
@@ -104,14 +104,71 @@ def test_closed_form_references_match_autograd():
     dz, s1, s2 = block_backward_reference(gp, z.detach(), gamma.detach(), beta.detach(), mean, rstd)
     rz, rg, rb = torch.autograd.grad(norm_relu_pool_reference(z, gamma, beta), (z, gamma, beta), gp)
     assert _max_rel(dz, rz) < 1e-13 and _max_rel(s2.sum(0), rg) < 1e-13 and _max_rel(s1.sum(0), rb) < 1e-13
-    u, ug, ub = torch.randn_like(z), torch.randn_like(gamma), torch.randn_like(beta)
+    # The adjoints of the per-plane sums differ from sample to sample, as a graph through them can make them.
+    u, ug, ub = torch.randn_like(z), torch.randn_like(s2), torch.randn_like(s1)
     d_gp, d_z, d_gamma = block_double_backward_reference(
-        u, ug.detach(), ub.detach(), gp, z.detach(), gamma.detach(), beta.detach(), mean, rstd
+        u, ug, ub, gp, z.detach(), gamma.detach(), beta.detach(), mean, rstd
     )
     gp_ = gp.clone().requires_grad_()
-    gz, gg, gb = torch.autograd.grad(norm_relu_pool_reference(z, gamma, beta), (z, gamma, beta), gp_, create_graph=True)
-    a_gp, a_z, a_g = torch.autograd.grad((gz * u).sum() + (gg * ug).sum() + (gb * ub).sum(), (gp_, z, gamma))
+    z_, gamma_ = z.detach().requires_grad_(), gamma.detach().requires_grad_()
+    out, mean_, rstd_ = block_forward_reference(z_, gamma_, beta.detach())
+    gz, s1_, s2_ = block_backward_reference(gp_, z_, gamma_, beta.detach(), mean_, rstd_)
+    a_gp, a_z, a_g = torch.autograd.grad((gz * u).sum() + (s2_ * ug).sum() + (s1_ * ub).sum(), (gp_, z_, gamma_))
     assert _max_rel(d_gp, a_gp) < 1e-13 and _max_rel(d_z, a_z) < 1e-13 and _max_rel(d_gamma.sum(0), a_g) < 1e-13
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="datm_fast._C is not built")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cpp_kernels_equal_the_closed_forms_with_per_plane_adjoints(shape, layout):
+    """The three kernels called one by one (as the exact engine's written-out step calls them), with
+    adjoints of the per-plane sums that differ from sample to sample, against the closed forms."""
+    z, gamma, beta = (t.detach() for t in _inputs(shape, torch.float64, channels_last=layout == "channels_last"))
+    cpp, ref = block_kernels("cpp", z), block_kernels("torch", z)
+    assert (cpp.backend, ref.backend) == ("cpp", "torch")
+    g = torch.Generator().manual_seed(7)
+    out, mean, rstd = cpp.forward(z, gamma, beta, 1e-5)
+    gp = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    u = torch.randn(z.shape, generator=g, dtype=torch.float64)
+    ug, ub = torch.randn(2, shape[0], shape[1], generator=g, dtype=torch.float64)
+    for ours, want in (
+        (cpp.forward(z, gamma, beta, 1e-5), ref.forward(z, gamma, beta, 1e-5)),
+        (cpp.backward(gp, z, gamma, beta, mean, rstd), ref.backward(gp, z, gamma, beta, mean, rstd)),
+        (
+            cpp.double_backward(u, ug, ub, gp, z, gamma, beta, mean, rstd),
+            ref.double_backward(u, ug, ub, gp, z, gamma, beta, mean, rstd),
+        ),
+    ):
+        for a, b in zip(ours, want):
+            assert _max_rel(a, b) < 1e-12
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="datm_fast._C is not built")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_compiled_block_ops_pass_opcheck(layout):
+    """Schema, fake (meta) kernels, autograd registration and torch.compile's view of the three operators."""
+    z, gamma, beta = _inputs((2, 3, 6, 4), torch.float32, channels_last=layout == "channels_last")
+    ops = torch.ops.datm_fast
+    torch.library.opcheck(ops.block_forward.default, (z, gamma, beta, 1e-5))
+    out, mean, rstd = ops.block_forward(z.detach(), gamma.detach(), beta.detach(), 1e-5)
+    gp = torch.randn_like(out).requires_grad_()
+    torch.library.opcheck(ops.block_backward.default, (gp, z, gamma, beta, mean, rstd))
+    u, planes = torch.randn_like(z), torch.randn(2, 2, 3)
+    args = (u, planes[0], planes[1], gp.detach(), z.detach(), gamma.detach(), beta.detach(), mean, rstd)
+    torch.library.opcheck(ops.block_double_backward.default, args)
+
+
+def test_block_dispatcher_says_why_not():
+    z = torch.randn(2, 3, 4, 4)
+    assert norm_relu_pool_why_not(z) is None
+    assert "float16" in norm_relu_pool_why_not(z.half())
+    assert "H, W >= 2" in norm_relu_pool_why_not(torch.randn(2, 3, 1, 4))
+    assert resolve_block_backend("auto", z.half()) == "torch"  # auto falls back to PyTorch's ops
+    assert resolve_block_backend("torch", z) == "torch"
+    if "cpp" in CPU_BACKENDS:
+        assert resolve_block_backend("auto", z) == "cpp"
+        with pytest.raises(ValueError, match="backend 'cpp' cannot run this input: .*float16"):
+            norm_relu_pool(z.half(), torch.ones(3).half(), torch.zeros(3).half(), backend="cpp")
 
 
 @pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="datm_fast._C is not built")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conv_count import ConvCalls
 
-import datm_fast.ops as ops
 from datm_fast.ops import conv2d
 
 # (batch, in channels, out channels, H, W, padding): the ConvNet's layers in small, odd sizes,
@@ -80,26 +80,19 @@ def test_conv2d_without_bias():
     torch.testing.assert_close(y, F.conv2d(x, weight, None, padding=1), rtol=1e-12, atol=1e-12)
 
 
-def test_first_layer_input_gradient_is_skipped_when_only_weights_are_asked_for(monkeypatch):
+def test_first_layer_input_gradient_is_skipped_when_only_weights_are_asked_for():
     """The exact engine's reverse step: images require grad, but the create_graph gradient is taken in
     the parameters only, so the first layer's input gradient is waste (7% of that layer's work); it is
     computed again, and only, when the second derivative reaches the images."""
-    calls = []
-    forward = ops._ConvInputGrad.forward
-
-    def counting(ctx, grad_y, w, x, padding):
-        calls.append(tuple(x.shape))
-        return forward(ctx, grad_y, w, x, padding)
-
-    monkeypatch.setattr(ops._ConvInputGrad, "forward", staticmethod(counting))
     x, w1, _ = _inputs((2, 3, 4, 8, 8, 1))
     w2 = torch.randn(5, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     loss = conv2d(torch.tanh(conv2d(x, w1, None, 1)), w2, None, 1).pow(2).sum()
-    g1, g2 = torch.autograd.grad(loss, (w1, w2), create_graph=True)
-    assert calls == [(2, 4, 8, 8)]  # the second layer's input gradient only
-    calls.clear()
-    (gx,) = torch.autograd.grad(g1.sum() + g2.sum(), (x,))
-    assert (2, 3, 8, 8) in calls  # now the images' gradient is wanted, and computed
+    with ConvCalls() as calls:
+        g1, g2 = torch.autograd.grad(loss, (w1, w2), create_graph=True)
+    assert calls.input_grads == [(2, 4, 8, 8)]  # the second layer's input gradient only
+    with ConvCalls() as calls:
+        (gx,) = torch.autograd.grad(g1.sum() + g2.sum(), (x,))
+    assert (2, 3, 8, 8) in calls.input_grads  # now the images' gradient is wanted, and computed
     ref_loss = F.conv2d(torch.tanh(F.conv2d(x, w1, padding=1)), w2, padding=1).pow(2).sum()
     r1, r2 = torch.autograd.grad(ref_loss, (w1, w2), create_graph=True)
     (ref_gx,) = torch.autograd.grad(r1.sum() + r2.sum(), (x,))

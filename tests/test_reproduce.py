@@ -71,7 +71,7 @@ def test_expert_epochs_cover_every_window():
         ({"expert_epochs": 1.5}, "expert_epochs"),
         ({"expert_optimizer": "adam"}, "expert_optimizer"),
         ({"expert_lr": -1.0}, "expert_lr"),
-        ({"expert_kernels": "fast"}, "expert_kernels"),
+        ({"expert_backend": "fast"}, "expert_backend"),
         ({"model": "ResNet18"}, "ConvNet name"),
         ({"iterations": 0}, "iterations"),
         ({"eval_runs": 0}, "eval_runs"),
@@ -248,7 +248,7 @@ def test_tiny_preset_end_to_end_and_resume(cifar10_root, session_cache_dir, tmp_
     assert saved["environment"]["device"].startswith("cpu")
 
     # Again, through the command line: the buffer and the finished IPCs are reused, the table is printed.
-    monkeypatch.setattr("datm_fast.evaluate.retain_freed_memory", lambda: False)  # keep this process's malloc
+    monkeypatch.setattr("datm_fast.utils.retain_freed_memory", lambda: False)  # keep this process's malloc
     capsys.readouterr()
     args = ["reproduce", "--preset", "tiny", "--data-root", str(cifar10_root), "--out", str(out), "--device", "cpu"]
     assert main([*args, "--cache-dir", str(session_cache_dir), "--quiet"]) == 0

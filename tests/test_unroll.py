@@ -11,6 +11,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conv_count import ConvCalls
 
 from datm_fast.augment import DSAConfig, apply_dsa
 from datm_fast.distill import estimate_full_unroll_bytes, make_unroll_plan, trajectory_matching_loss
@@ -134,21 +135,8 @@ def test_exact_reverse_step_runs_eight_convolutions_per_layer(step, monkeypatch)
     derivatives) where differentiating the weight gradients takes 9. In the first layer the explicit
     step runs 5 (no input gradient in the first derivative); the autograd step keeps the first
     layer's weight gradient (a 27-long reduction, below the identity's threshold): 6."""
-    import datm_fast.ops as ops
-
-    calls = [0]
-    conv2d, conv_backward = F.conv2d, ops._conv_backward
-
-    def counting_conv(*args, **kwargs):
-        calls[0] += 1
-        return conv2d(*args, **kwargs)
-
-    def counting_backward(grad_y, x, w, padding, mask):
-        calls[0] += sum(mask[:2])  # one call may run the input- and the weight-gradient kernels
-        return conv_backward(grad_y, x, w, padding, mask)
-
     if step == "autograd":
-        monkeypatch.setattr(unroll_module, "explicit_step_supported", lambda spec, fused: False)
+        monkeypatch.setattr(unroll_module._Kernels, "written_out", lambda self, spec: False)
     spec = ConvNetSpec(3, 10, 16, width=8, depth=3)
     start, target, images, labels, lr = _problem(spec, 4, seed=3, dtype=torch.float32)
     syn_steps = 3
@@ -156,11 +144,10 @@ def test_exact_reverse_step_runs_eight_convolutions_per_layer(step, monkeypatch)
     plan = make_unroll_plan(4, syn_steps, 2, image_size=(16, 16), augment=None, generator=g)
     x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
     loss = trajectory_matching_loss(spec, start, target, x, y, a, plan=plan, unroll="exact", micro_batch=2)
-    monkeypatch.setattr(F, "conv2d", counting_conv)
-    monkeypatch.setattr(ops, "_conv_backward", counting_backward)
-    loss.backward()
+    with ConvCalls() as calls:
+        loss.backward()
     first_layer = 5 if step == "explicit" else 6
-    assert calls[0] == syn_steps * (first_layer + 8 * (spec.depth - 1))
+    assert calls.kernels == syn_steps * (first_layer + 8 * (spec.depth - 1))
 
 
 def test_gradcheck_of_exact_engine():

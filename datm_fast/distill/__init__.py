@@ -12,7 +12,6 @@ from .unroll import (
     UnrollPlan,
     estimate_full_unroll_bytes,
     make_unroll_plan,
-    soft_cross_entropy,
     trajectory_matching_loss,
 )
 
@@ -31,6 +30,5 @@ __all__ = [
     "list_configs",
     "load_config",
     "make_unroll_plan",
-    "soft_cross_entropy",
     "trajectory_matching_loss",
 ]

@@ -54,7 +54,7 @@ def run_distill(args: argparse.Namespace) -> int:
     config = load_config(args.config, **overrides)
     out = Path(args.out)
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
-        from ..evaluate import retain_freed_memory
+        from ..utils import retain_freed_memory
 
         retain_freed_memory()  # 1.1x per CPU iteration: no page faults on re-allocated activations
 

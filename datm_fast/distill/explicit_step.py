@@ -32,38 +32,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import ops  # by attribute, so that benchmarks/profile_unroll.py can time each kernel call
 from ..models import ConvNetSpec
 from ..models.convnet import NORM_EPS
+from ..ops import BlockKernels, block_kernels, conv2d_backward
 
-__all__ = ["explicit_step_supported", "gradient", "ReverseStepResult", "reverse_step"]
-
-
-def explicit_step_supported(spec: ConvNetSpec, fused: bool) -> bool:
-    """Whether :func:`reverse_step` covers this network: fused instance norm -> ReLU -> avg-pool blocks."""
-    return fused and spec.norm == "instance" and spec.activation == "relu" and spec.pooling == "avg"
+__all__ = ["gradient", "ReverseStepResult", "reverse_step"]
 
 
-def _conv_grads(grad_y: Tensor, x: Tensor, w: Tensor, padding: int, need_x: bool, need_w: bool):
-    """input_grad(grad_y, w) and weight_grad(grad_y, x) in one library call (either may be skipped)."""
-    gx, gw, _ = ops._conv_backward(grad_y, x, w, padding, [need_x, need_w, False])
-    return gx, gw
-
-
-def _forward(spec: ConvNetSpec, params: list[Tensor], x: Tensor, block_backend: str):
+def _forward(spec: ConvNetSpec, params: list[Tensor], x: Tensor, block: BlockKernels):
     """The network's forward pass, keeping what the derivatives read back: every block's input ``hs``,
     conv output ``zs`` and norm statistics, the flattened features and the logits."""
     hs, zs, stats = [x], [], []
-    i = 0
-    for layer in spec.layers:
-        z = F.conv2d(hs[-1], params[i], params[i + 1], padding=layer.padding)
-        h, mean, rstd = ops._block_forward_impl(block_backend, z, params[i + 2], params[i + 3], NORM_EPS)
+    for layer, where in zip(spec.layers, spec.layer_params):
+        z = F.conv2d(hs[-1], params[where.conv_weight], params[where.conv_bias], padding=layer.padding)
+        h, mean, rstd = block.forward(z, params[where.norm_weight], params[where.norm_bias], NORM_EPS)
         zs.append(z)
         stats.append((mean, rstd))
         hs.append(h)
-        i += 4
+    head_weight, head_bias = spec.head_params
     flat = hs[-1].reshape(x.shape[0], -1)
-    logits = flat @ params[i].t() + params[i + 1]
+    logits = flat @ params[head_weight].t() + params[head_bias]
     return hs, zs, stats, flat, logits
 
 
@@ -75,24 +63,28 @@ def gradient(
     The loss is the soft cross-entropy against ``softmax(labels)``, summed over the micro-batch and
     divided by ``batch_size``; each layer's input and weight gradients come from one library call.
     """
-    block_backend = ops._block_backend(backend, x)
+    block = block_kernels(backend, x)
     with torch.no_grad():
-        hs, zs, stats, flat, logits = _forward(spec, params, x, block_backend)
-        i = 4 * len(spec.layers)
+        hs, zs, stats, flat, logits = _forward(spec, params, x, block)
+        head_weight, head_bias = spec.head_params
         grads: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
         dlog = (torch.softmax(logits, dim=1) - torch.softmax(labels, dim=1)) / batch_size
-        grads[i], grads[i + 1] = dlog.t() @ flat, dlog.sum(0)
-        dh = (dlog @ params[i]).view(hs[-1].shape)
-        for layer_index in reversed(range(len(spec.layers))):
-            k = 4 * layer_index
-            mean, rstd = stats[layer_index]
-            dz, sum_gn, sum_gn_xhat = ops._block_backward_impl(
-                block_backend, dh, zs[layer_index], params[k + 2], params[k + 3], mean, rstd
+        grads[head_weight], grads[head_bias] = dlog.t() @ flat, dlog.sum(0)
+        dh = (dlog @ params[head_weight]).view(hs[-1].shape)
+        for index in reversed(range(len(spec.layers))):
+            where = spec.layer_params[index]
+            gamma, beta = params[where.norm_weight], params[where.norm_bias]
+            dz, sum_gn, sum_gn_xhat = block.backward(dh, zs[index], gamma, beta, *stats[index])
+            grads[where.norm_weight], grads[where.norm_bias] = sum_gn_xhat.sum(0), sum_gn.sum(0)
+            dh, grads[where.conv_weight] = conv2d_backward(
+                dz,
+                hs[index],
+                params[where.conv_weight],
+                spec.layers[index].padding,
+                need_input=index > 0,
+                need_weight=True,
             )
-            grads[k + 2], grads[k + 3] = sum_gn_xhat.sum(0), sum_gn.sum(0)
-            padding = spec.layers[layer_index].padding
-            dh, grads[k] = _conv_grads(dz, hs[layer_index], params[k], padding, layer_index > 0, True)
-            grads[k + 1] = dz.sum((0, 2, 3))
+            grads[where.conv_bias] = dz.sum((0, 2, 3))
     return grads
 
 
@@ -122,7 +114,7 @@ def reverse_step(
     """``dot = <grad_theta l(theta; x, labels), lam>`` and its derivatives, for one micro-batch.
 
     Args:
-        spec: a network :func:`explicit_step_supported` accepts.
+        spec: a network whose blocks are instance norm -> ReLU -> avg pool (``spec.norm_relu_pool_blocks``).
         params: theta as separate tensors in spec order (conv weights in x's memory format).
         lam: the direction, as ``params``.
         x: (B, C, H, W) the network's input (DSA already applied).
@@ -130,12 +122,13 @@ def reverse_step(
         batch_size: the step's whole batch (the loss is a mean over it, micro-batches are parts of it).
     """
     num_layers = len(spec.layers)
-    block_backend = ops._block_backend(backend, x)
+    block = block_kernels(backend, x)
+    batch, layers = x.shape[0], spec.layer_params
     with torch.no_grad():
-        hs, zs, stats, flat, logits = _forward(spec, params, x, block_backend)
-        i = 4 * num_layers
-        wc = params[i]
-        lam_wc, lam_bc = lam[i], lam[i + 1]
+        hs, zs, stats, flat, logits = _forward(spec, params, x, block)
+        head_weight, head_bias = spec.head_params
+        wc = params[head_weight]
+        lam_wc, lam_bc = lam[head_weight], lam[head_bias]
         h_last = hs[-1]
         p = torch.softmax(logits, dim=1)
         q = torch.softmax(labels, dim=1)
@@ -147,17 +140,22 @@ def reverse_step(
         dhs: list[Tensor] = [None] * (num_layers + 1)  # type: ignore[list-item]  # dhs[l]: grad of hs[l]
         dhs[num_layers] = dh
         dot = (dlog * (flat @ lam_wc.t() + lam_bc)).sum()  # <gWc, lam_Wc> + <gbc, lam_bc>
-        for layer_index in reversed(range(num_layers)):
-            k = 4 * layer_index
-            mean, rstd = stats[layer_index]
-            dz, sum_gn, sum_gn_xhat = ops._block_backward_impl(
-                block_backend, dhs[layer_index + 1], zs[layer_index], params[k + 2], params[k + 3], mean, rstd
+        for index in reversed(range(num_layers)):
+            where = layers[index]
+            gamma, beta = params[where.norm_weight], params[where.norm_bias]
+            dz, sum_gn, sum_gn_xhat = block.backward(dhs[index + 1], zs[index], gamma, beta, *stats[index])
+            dzs[index] = dz
+            dot = (
+                dot + (sum_gn_xhat.sum(0) * lam[where.norm_weight]).sum() + (sum_gn.sum(0) * lam[where.norm_bias]).sum()
             )
-            dzs[layer_index] = dz
-            dot = dot + (sum_gn_xhat.sum(0) * lam[k + 2]).sum() + (sum_gn.sum(0) * lam[k + 3]).sum()
-            if layer_index > 0:
-                dhs[layer_index], _ = _conv_grads(
-                    dz, hs[layer_index], params[k], spec.layers[layer_index].padding, True, False
+            if index > 0:
+                dhs[index], _ = conv2d_backward(
+                    dz,
+                    hs[index],
+                    params[where.conv_weight],
+                    spec.layers[index].padding,
+                    need_input=True,
+                    need_weight=False,
                 )
 
         # ----- second order, part 1: the adjoint of the first-order chain, layer 1 up to the logits
@@ -165,45 +163,46 @@ def reverse_step(
         bar_h: list[Tensor | None] = [None] * (num_layers + 1)  # adjoints of hs[l] (forward values)
         bar_zs: list[Tensor] = []  # adjoints of zs[l] through the first-order chain
         bar_dh: Tensor | None = None  # adjoint of dhs[l], carried up one layer
-        for layer_index in range(num_layers):
-            k = 4 * layer_index
-            padding = spec.layers[layer_index].padding
-            h_in, dz = hs[layer_index], dzs[layer_index]
+        for index in range(num_layers):
+            where = layers[index]
+            weight = params[where.conv_weight]
+            padding = spec.layers[index].padding
+            h_in, dz = hs[index], dzs[index]
             # <gW, lam_W> + <gb, lam_b> = <dz, conv(h_in, lam_W) + lam_b>: the value is also d dot / d dz.
-            bar_dz = F.conv2d(h_in, lam[k], lam[k + 1], padding=padding)
+            bar_dz = F.conv2d(h_in, lam[where.conv_weight], lam[where.conv_bias], padding=padding)
             dot = dot + (dz * bar_dz).sum()
-            if layer_index > 0 or need_inputs:
+            if index > 0 or need_inputs:
                 # d/dh_in of <dz, conv(h_in, lam_W)>
-                bar_h[layer_index], _ = _conv_grads(dz, h_in, lam[k], padding, True, False)
+                bar_h[index], _ = conv2d_backward(
+                    dz, h_in, lam[where.conv_weight], padding, need_input=True, need_weight=False
+                )
             if bar_dh is not None:
-                # dhs[layer_index] = input_grad(dz, W): its adjoint reaches dz and W
-                bar_dz.add_(F.conv2d(bar_dh, params[k], None, padding=padding))
+                # dhs[index] = input_grad(dz, W): its adjoint reaches dz and W
+                bar_dz.add_(F.conv2d(bar_dh, weight, None, padding=padding))
                 if need_hvp:
-                    _, gw = _conv_grads(dz, bar_dh, params[k], padding, False, True)
-                    hvp[k] += gw
-            mean, rstd = stats[layer_index]
-            bar_dh, bar_z, bar_gamma = ops._block_double_backward_impl(
-                block_backend,
+                    _, gw = conv2d_backward(dz, bar_dh, weight, padding, need_input=False, need_weight=True)
+                    hvp[where.conv_weight] += gw
+            # The adjoints of dgamma and dbeta, (C,), are the same for every sample's plane sums.
+            bar_dh, bar_z, bar_gamma = block.double_backward(
                 bar_dz,
-                lam[k + 2],
-                lam[k + 3],
-                dhs[layer_index + 1],
-                zs[layer_index],
-                params[k + 2],
-                params[k + 3],
-                mean,
-                rstd,
+                lam[where.norm_weight].expand(batch, -1),
+                lam[where.norm_bias].expand(batch, -1),
+                dhs[index + 1],
+                zs[index],
+                params[where.norm_weight],
+                params[where.norm_bias],
+                *stats[index],
             )
             bar_zs.append(bar_z)
             if need_hvp:
-                hvp[k + 2] += bar_gamma.sum(0)
+                hvp[where.norm_weight] += bar_gamma.sum(0)
         del dzs, dhs  # the first-order values are spent: the step's peak memory is in part 2
         # dh_L = dlog Wc, gWc = dlog^T flat, gbc = sum(dlog)
         bar_dh_flat = bar_dh.reshape(flat.shape)
         bar_dlog = bar_dh_flat @ wc.t() + flat @ lam_wc.t() + lam_bc
         bar_flat = dlog @ lam_wc
         if need_hvp:
-            hvp[i] += dlog.t() @ bar_dh_flat
+            hvp[head_weight] += dlog.t() @ bar_dh_flat
         # dlog = (softmax(logits) - softmax(labels)) / batch
         v = bar_dlog / batch_size
         bar_logits = p * (v - (p * v).sum(1, keepdim=True))
@@ -212,30 +211,30 @@ def reverse_step(
         # ----- second order, part 2: the adjoint of the forward chain, the logits down to the input
         bar_flat = bar_flat + bar_logits @ wc
         if need_hvp:
-            hvp[i] += bar_logits.t() @ flat
-            hvp[i + 1] += bar_logits.sum(0)
+            hvp[head_weight] += bar_logits.t() @ flat
+            hvp[head_bias] += bar_logits.sum(0)
         bar_out = bar_flat.view(h_last.shape)
         grad_inputs = None
-        for layer_index in reversed(range(num_layers)):
-            k = 4 * layer_index
-            padding = spec.layers[layer_index].padding
-            mean, rstd = stats[layer_index]
-            bar_out_z, sum_gn, sum_gn_xhat = ops._block_backward_impl(
-                block_backend, bar_out, zs[layer_index], params[k + 2], params[k + 3], mean, rstd
-            )
-            bar_z = bar_out_z.add_(bar_zs[layer_index])
-            bar_zs[layer_index] = zs[layer_index] = None  # type: ignore[call-overload]
+        for index in reversed(range(num_layers)):
+            where = layers[index]
+            gamma, beta = params[where.norm_weight], params[where.norm_bias]
+            bar_out_z, sum_gn, sum_gn_xhat = block.backward(bar_out, zs[index], gamma, beta, *stats[index])
+            bar_z = bar_out_z.add_(bar_zs[index])
+            bar_zs[index] = zs[index] = None  # type: ignore[call-overload]
             if need_hvp:
-                hvp[k + 2] += sum_gn_xhat.sum(0)
-                hvp[k + 3] += sum_gn.sum(0)
-                hvp[k + 1] += bar_z.sum((0, 2, 3))
-            need_below = layer_index > 0 or need_inputs
-            g_in, g_w = _conv_grads(bar_z, hs[layer_index], params[k], padding, need_below, need_hvp)
+                hvp[where.norm_weight] += sum_gn_xhat.sum(0)
+                hvp[where.norm_bias] += sum_gn.sum(0)
+                hvp[where.conv_bias] += bar_z.sum((0, 2, 3))
+            need_below = index > 0 or need_inputs
+            g_in, g_w = conv2d_backward(
+                bar_z, hs[index], params[where.conv_weight], spec.layers[index].padding,
+                need_input=need_below, need_weight=need_hvp,
+            )  # fmt: skip
             if need_hvp:
-                hvp[k] += g_w
+                hvp[where.conv_weight] += g_w
             if need_below:
-                bar_out = g_in if bar_h[layer_index] is None else g_in.add_(bar_h[layer_index])
-            bar_h[layer_index] = hs[layer_index + 1] = None  # type: ignore[call-overload]
-            if layer_index == 0 and need_inputs:
+                bar_out = g_in if bar_h[index] is None else g_in.add_(bar_h[index])
+            bar_h[index] = hs[index + 1] = None  # type: ignore[call-overload]
+            if index == 0 and need_inputs:
                 grad_inputs = bar_out
     return ReverseStepResult(hvp, grad_inputs, bar_labels, dot)

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import mmap
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,15 +61,14 @@ from torch import Tensor
 from ..augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ..backends import Backend
 from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
-from ..ops import matching_loss
-from .explicit_step import explicit_step_supported, gradient, reverse_step
+from ..ops import conv2d, matching_loss, soft_cross_entropy
+from .explicit_step import gradient, reverse_step
 
 __all__ = [
     "Unroll",
     "StepPlan",
     "UnrollPlan",
     "make_unroll_plan",
-    "soft_cross_entropy",
     "trajectory_matching_loss",
     "estimate_full_unroll_bytes",
     "auto_micro_batch",
@@ -160,15 +159,6 @@ def make_unroll_plan(
 
 
 # ----- the inner loss ---------------------------------------------------------------------------------
-def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
-    """Summed soft cross-entropy ``sum_n sum_k -log_softmax(logits)[n, k] * softmax(label_logits)[n, k]``.
-
-    DATM's inner loss is this divided by the batch size. Returned as a sum so that micro-batches of
-    one step add up to exactly the step's loss (each divided by the full batch size).
-    """
-    return -(F.log_softmax(logits, dim=1) * F.softmax(label_logits, dim=1)).sum()
-
-
 def _step_loss(
     spec: ConvNetSpec,
     params: Tensor,
@@ -210,6 +200,10 @@ class _Kernels:
     backend: str  # of the fused block op: auto / torch / cpp / cuda
     channels_last: bool  # run the student on channels_last activations
 
+    def written_out(self, spec: ConvNetSpec) -> bool:
+        """Whether the steps run written out kernel by kernel (``explicit_step``): the fused blocks."""
+        return self.fused and spec.norm_relu_pool_blocks
+
 
 def _kernels(fused: bool, backend: Backend, device: torch.device) -> _Kernels:
     # The distance op's backend may be "triton", which the block op lacks: it then picks its own.
@@ -221,6 +215,16 @@ def _kernels(fused: bool, backend: Backend, device: torch.device) -> _Kernels:
     return _Kernels(fused, block_backend, channels_last=device.type == "cpu")
 
 
+class _ConvTap(NamedTuple):
+    """A convolution of the student's forward pass, kept for :func:`_gradient_dot`."""
+
+    x: Tensor  # its input
+    y: Tensor  # its output
+    weight: int  # index of its weight in the parameter list (the bias is spec.layer_params' conv_bias)
+    bias: int
+    padding: int
+
+
 def _leaf_step_loss(
     spec: ConvNetSpec,
     leaves: list[Tensor],
@@ -229,13 +233,25 @@ def _leaf_step_loss(
     augment: DSAParams | None,
     batch_size: int,
     kernels: _Kernels,
-    taps: list[tuple[Tensor, Tensor, int, int]] | None = None,
+    taps: list[_ConvTap] | None = None,
 ) -> Tensor:
     x = images if augment is None else apply_dsa(images, augment)
     if kernels.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend, taps=taps)
-    return soft_cross_entropy(logits, labels) / batch_size
+    conv = conv2d if kernels.fused else F.conv2d
+    if taps is not None:
+        layers = iter(spec.layer_params)
+
+        def tapped_conv(h: Tensor, weight: Tensor, bias: Tensor, padding: int) -> Tensor:
+            where = next(layers)
+            y = conv(h, weight, bias, padding=padding)
+            taps.append(_ConvTap(h, y, where.conv_weight, where.conv_bias, padding))
+            return y
+
+        logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend, conv=tapped_conv)
+    else:
+        logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend)
+    return soft_cross_entropy(logits, labels, reduction="sum") / batch_size
 
 
 # The conv-output identity of _gradient_dot pays where a convolution's reduction is long: it trades
@@ -248,7 +264,7 @@ _TAP_MIN_REDUCTION = 64
 
 def _gradient_dot(
     loss: Tensor,
-    taps: list[tuple[Tensor, Tensor, int, int]],
+    taps: list[_ConvTap],
     leaves: list[Tensor],
     lam_parts: list[Tensor],
     kernels: _Kernels,
@@ -266,18 +282,17 @@ def _gradient_dot(
     their weight gradients (default ``_TAP_MIN_REDUCTION``).
     """
     min_reduction = _TAP_MIN_REDUCTION if min_reduction is None else min_reduction
-    tapped = [t for t in taps if leaves[t[2]][0].numel() >= min_reduction]
-    conv_params = {j for _, _, i, _ in tapped for j in (i, i + 1)}
+    tapped = [t for t in taps if leaves[t.weight][0].numel() >= min_reduction]
+    conv_params = {j for t in tapped for j in (t.weight, t.bias)}
     others = [j for j in range(len(leaves)) if j not in conv_params]
-    wrt = [y for _, y, _, _ in tapped] + [leaves[j] for j in others]
+    wrt = [t.y for t in tapped] + [leaves[j] for j in others]
     grads = torch.autograd.grad(loss, wrt, create_graph=True)
-    conv = F.conv2d
-    if kernels.fused:
-        from ..ops import conv2d as conv  # the same op the forward used: its double backward is the fast one
+    # The same op the forward used: with the fused kernels its double backward is the fast one.
+    conv = conv2d if kernels.fused else F.conv2d
     # Elementwise, so the direction reaching each weight's double backward keeps its format.
     dot = sum((g * lam_parts[j]).sum() for g, j in zip(grads[len(tapped) :], others))
-    for (x, _, i, padding), gy in zip(tapped, grads[: len(tapped)]):
-        dot = dot + (gy * conv(x, lam_parts[i], lam_parts[i + 1], padding=padding)).sum()
+    for t, gy in zip(tapped, grads[: len(tapped)]):
+        dot = dot + (gy * conv(t.x, lam_parts[t.weight], lam_parts[t.bias], padding=t.padding)).sum()
     return dot
 
 
@@ -381,7 +396,7 @@ def _rollout(
     thetas = _trajectory_storage(len(plan), start)
     theta = start.detach()
     lr_value = lr.detach()
-    explicit = explicit_step_supported(spec, kernels.fused)
+    explicit = kernels.written_out(spec)
     for i, step in enumerate(plan.steps):
         thetas[i] = theta
         batch = int(step.indices.numel())
@@ -409,7 +424,7 @@ def _reverse_autograd(spec, leaves, lam_parts, images, labels, augment, batch, k
     with torch.enable_grad():
         x = images.requires_grad_(need_x)
         y = labels.requires_grad_(need_y)
-        taps: list[tuple[Tensor, Tensor, int, int]] = []
+        taps: list[_ConvTap] = []
         loss = _leaf_step_loss(spec, leaves, x, y, augment, batch, kernels, taps)
         dot = _gradient_dot(loss, taps, leaves, lam_parts, kernels)
         wrt = (leaves if hvp else []) + [t for t, need in ((x, need_x), (y, need_y)) if need]
@@ -479,7 +494,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
         grad_labels = torch.zeros_like(labels)
         grad_lr = torch.zeros_like(lr)
         exact = unroll == "exact"
-        reverse = _reverse_explicit if explicit_step_supported(spec, ctx.kernels.fused) else _reverse_autograd
+        reverse = _reverse_explicit if ctx.kernels.written_out(spec) else _reverse_autograd
         for i in reversed(range(len(plan))):
             step = plan.steps[i]
             batch = int(step.indices.numel())

@@ -9,8 +9,7 @@
 * :class:`EvalConfig` holds the protocol (upstream's defaults) and how to run it: networks without
   batch norm train several runs at once on a GPU (``torch.func.vmap`` over stacked parameters),
   long CPU runs are compiled, everything stays on the device, and every random draw comes from an
-  explicit ``torch.Generator``. :func:`retain_freed_memory` is a process-wide CPU speed-up for
-  command-line entry points (``datm-fast eval`` calls it).
+  explicit ``torch.Generator``.
 
 Example::
 
@@ -26,7 +25,6 @@ Example::
 Importing this package starts no device and reads no file.
 """
 
-from ._cpu import retain_freed_memory
 from .baselines import (
     BASELINE_LR,
     evaluate_against_random_real,
@@ -36,7 +34,7 @@ from .baselines import (
     whole_dataset_baseline,
 )
 from .config import EVAL_POOLS, EvalConfig, EvalResult, resolve_models
-from .losses import soft_cross_entropy, train_loss
+from .losses import train_loss
 from .protocol import check_lr, evaluate_models, evaluate_synset
 from .results import environment, format_table, write_results
 from .rundir import evaluate_run_dir
@@ -78,8 +76,6 @@ __all__ = [
     "random_real_subset",
     "read_run_info",
     "resolve_models",
-    "retain_freed_memory",
-    "soft_cross_entropy",
     "train_loss",
     "whole_dataset_baseline",
     "write_results",

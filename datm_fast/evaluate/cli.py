@@ -100,8 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..augment import DSAConfig
-    from ..utils import resolve_device
-    from ._cpu import retain_freed_memory
+    from ..utils import resolve_device, retain_freed_memory
     from .baselines import BASELINE_LR, random_real_baseline
     from .baselines import whole_dataset_baseline as whole_baseline
     from .config import EvalConfig, resolve_models

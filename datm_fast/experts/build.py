@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import torch
 
+from ..backends import Backend
 from ..data import ImageDataset, load_dataset, preprocess
 from ..models import ConvNetSpec
 from .buffer import BufferWriter, ExpertBuffer, dataset_info, spec_to_dict
@@ -117,7 +118,7 @@ def build_buffer(
     model_name: str = "ConvNet",
     device: Union[str, torch.device, None] = None,
     experts_per_batch: int | None = None,
-    kernels: str = "auto",
+    backend: Backend = "auto",
     progress: bool = False,
     verify_existing: bool = True,
 ) -> BuildSummary:
@@ -129,8 +130,8 @@ def build_buffer(
     buffer. A buffer made with another model, dataset (fingerprint) or config is refused with
     :class:`~datm_fast.experts.ExpertBufferError` naming the manifest and the difference.
 
-    ``kernels``: see :class:`~datm_fast.experts.ExpertTrainer`. ``progress=True`` shows a tqdm bar
-    (experts, epoch, ETA, current test accuracy) on stderr.
+    ``backend``: of the fused ConvNet block, see :class:`~datm_fast.experts.ExpertTrainer`.
+    ``progress=True`` shows a tqdm bar (experts, epoch, ETA, current test accuracy) on stderr.
     """
     if num_experts < 1:
         raise ValueError(f"build_buffer: num_experts must be >= 1, got {num_experts}")
@@ -147,7 +148,7 @@ def build_buffer(
         skipped = tuple(sorted(i for i in done if i < num_experts))
         started = time.perf_counter()
         if todo:
-            trainer = ExpertTrainer(dataset, spec, config, device=device, kernels=kernels)
+            trainer = ExpertTrainer(dataset, spec, config, device=device, backend=backend)
             writer.set(
                 requested_experts=max(num_experts, int(writer.manifest.get("requested_experts") or 0)),
                 versions=_versions(),
@@ -180,7 +181,7 @@ def _entry(expert: TrainedExpert, trainer: ExpertTrainer) -> dict[str, Any]:
         "test_acc": list(expert.test_acc),
         "seconds": round(expert.seconds, 3),
         "device": str(trainer.device),
-        "kernels": trainer.kernels,
+        "block_backend": trainer.block_backend,
     }
 
 

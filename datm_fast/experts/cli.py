@@ -85,11 +85,11 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--max-train-images", type=int, default=None, help="train on a random subset (quick runs)")
     p.add_argument("--max-test-images", type=int, default=None, help="test on a random subset (quick runs)")
     p.add_argument(
-        "--kernels",
-        choices=("auto", "cpp", "compile", "aten"),
+        "--backend",
+        choices=("auto", "torch", "cpp", "cuda"),
         default="auto",
-        help="norm/ReLU/pool kernels: auto (default: C++ on CPU, torch.compile on CUDA), cpp, compile, "
-        "or aten (plain PyTorch, nothing compiled)",
+        help="backend of the fused norm/ReLU/pool block: auto (default: C++ on CPU, CUDA on a GPU), cpp, cuda, "
+        "or torch (PyTorch's separate ops)",
     )
     p.add_argument("--no-verify", action="store_true", help="on resume, check finished files by size, not checksum")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,7 +136,7 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         # Reuse freed activation memory instead of page-faulting 100+ MB back in every step: 1.3x per
         # CPU training step (2.70 -> 2.02 s per 1,000 GSAM images, benchmarks/RESULTS.md). Process-wide,
         # which is fine for a command.
-        from ..evaluate._cpu import retain_freed_memory
+        from ..utils import retain_freed_memory
 
         retain_freed_memory()
     config = ExpertConfig(
@@ -200,7 +200,7 @@ def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str
         model_name=model,
         device=device,
         experts_per_batch=args.experts_per_batch,
-        kernels=args.kernels,
+        backend=args.backend,
         progress=not args.no_progress,
         verify_existing=not args.no_verify,
     )

@@ -44,17 +44,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import DSAParams, apply_dsa, sample_dsa_params
+from ..backends import Backend, check_backend
 from ..data import ImageDataset
 from ..models import ConvNetSpec, init_flat_params
+from ..ops import resolve_block_backend
 from ..utils import resolve_device
-from ._batched import FusedBlock, batched_logits, fused_supported, make_fused_block, param_slices, stack_inputs
+from ._batched import batched_logits, stack_inputs
 from .config import ExpertConfig, expert_seed, stream_seed
 from .gsam import gsam_direction, gsam_perturbation, sgd_step
 
-__all__ = ["KERNELS", "ExpertTrainer", "TrainedExpert", "EpochReport", "default_experts_per_batch", "resolve_device"]
-
-#: Choices of ``ExpertTrainer(kernels=...)``.
-KERNELS: tuple[str, ...] = ("auto", "cpp", "compile", "aten")
+__all__ = ["ExpertTrainer", "TrainedExpert", "EpochReport", "default_experts_per_batch", "resolve_device"]
 
 Device = Union[str, torch.device]
 
@@ -126,13 +125,12 @@ class ExpertTrainer:
         spec: the expert architecture; its channels, classes and image size must match ``dataset``.
         config: optimiser, epochs, batch size, DSA, run seed.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``None``/``"auto"`` (CUDA when available).
-        kernels: how the default ConvNet block (instance norm -> ReLU -> avg pool) is computed:
-            ``"auto"`` (default: on CPU hand-fused C++ kernels, compiled on first use; on CUDA
-            ``torch.compile`` kernels; aten ops when neither can be built, with a warning), ``"cpp"``,
-            ``"compile"`` or ``"aten"`` (plain PyTorch ops, no compilation). All agree to float rounding;
-            other ConvNet variants always use aten ops.
-        channels_last: NHWC activations (default: on). The C++ kernels work in NHWC; with aten ops the
-            two layouts were within measurement noise on the 2-core CPU.
+        backend: the backend of the default ConvNet's fused block (instance norm -> ReLU -> avg pool,
+            :func:`datm_fast.ops.norm_relu_pool`): ``"auto"`` (default: the C++ kernels on CPU, the CUDA
+            ones on a GPU, where built), ``"cpp"``, ``"cuda"``, or ``"torch"`` (PyTorch's separate ops).
+            All agree to float rounding; other ConvNet variants always use PyTorch's ops.
+        channels_last: NHWC activations (default: on). The C++ kernels work in NHWC; with PyTorch's ops
+            the two layouts were within measurement noise on the 2-core CPU.
         test_batch_size: images per evaluation batch (memory only; results do not depend on it).
 
     Example::
@@ -149,7 +147,7 @@ class ExpertTrainer:
         config: ExpertConfig,
         *,
         device: Device | None = None,
-        kernels: str = "auto",
+        backend: Backend = "auto",
         channels_last: bool = True,
         test_batch_size: int = 500,
     ) -> None:
@@ -176,16 +174,17 @@ class ExpertTrainer:
         self.device = resolve_device(device)
         self.channels_last = bool(channels_last)
         self.test_batch_size = int(test_batch_size)
-        self._slices = param_slices(spec)
-        if kernels not in KERNELS:
-            raise ValueError(f"ExpertTrainer: kernels must be one of {KERNELS}, got {kernels!r}")
-        self._block: FusedBlock | None = None
-        if kernels != "aten" and fused_supported(spec):
-            self._block = make_fused_block(self.device, kernels)
-        elif kernels in ("cpp", "compile"):
+        check_backend(backend)
+        # The fused block's backend, decided once (None: PyTorch's separate ops): the first layer's
+        # activation stands for every layer (same dtype and device; H, W >= 2 wherever pooling runs).
+        self._block_backend: str | None = None
+        if spec.norm_relu_pool_blocks:
+            probe = torch.empty(1, 1, *spec.layers[0].conv_shape[1:], device=self.device)
+            self._block_backend = resolve_block_backend(backend, probe)
+        elif backend not in ("auto", "torch"):
             raise ValueError(
-                f"ExpertTrainer: kernels={kernels!r} needs instance norm, ReLU, average pooling and even "
-                f"feature maps; {spec} has another block (use kernels='auto' or 'aten')"
+                f"ExpertTrainer: backend={backend!r} runs the fused instance norm -> ReLU -> avg pool block; "
+                f"{spec} has another block (use backend='auto' or 'torch')"
             )
         dev = self.device
         self._train_x = dataset.train_images.to(dev, torch.float32).contiguous()
@@ -194,9 +193,9 @@ class ExpertTrainer:
         self._test_y = dataset.test_labels.to(dev)
 
     @property
-    def kernels(self) -> str:
-        """The block kernels in use: ``"cpp"``, ``"torch.compile"`` or ``"aten"``."""
-        return self._block.name if self._block is not None else "aten"
+    def block_backend(self) -> str:
+        """The backend of the ConvNet blocks: ``"cpp"``, ``"cuda"`` or ``"torch"`` (PyTorch's ops)."""
+        return self._block_backend or "torch"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -208,7 +207,7 @@ class ExpertTrainer:
         k, b = y.shape
         p = params.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = batched_logits(self.spec, p, x, block=self._block, slices=self._slices)
+            logits = batched_logits(self.spec, p, x, block_backend=self._block_backend)
             losses = F.cross_entropy(logits.reshape(k * b, -1), y.reshape(k * b), reduction="none").view(k, b).mean(1)
             (grad,) = torch.autograd.grad(losses.sum(), p)
         return grad, logits.detach(), losses.detach()
@@ -259,7 +258,7 @@ class ExpertTrainer:
             y = self._test_y[lo : lo + self.test_batch_size]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = batched_logits(self.spec, params, x, shared_input=True, block=self._block, slices=self._slices)
+            logits = batched_logits(self.spec, params, x, shared_input=True, block_backend=self._block_backend)
             yk = y.expand(k, -1)
             loss_sum += F.cross_entropy(logits.flatten(0, 1), yk.reshape(-1), reduction="none").view(k, -1).sum(1)
             correct += (logits.argmax(-1) == yk).sum(1)

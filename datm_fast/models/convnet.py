@@ -33,17 +33,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
-from typing import NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import conv2d, norm_relu_pool
 from ._init import build_module, init_bias_, init_weight_
 
 __all__ = [
     "ConvNetSpec",
     "BlockShape",
+    "LayerParams",
+    "ParamInfo",
+    "apply_activation",
+    "apply_pooling",
     "ConvNet",
     "convnet_forward",
     "init_flat_params",
@@ -70,12 +75,27 @@ LEAKY_SLOPE = 0.01
 GROUPNORM_GROUPS = 4  # upstream "groupnorm" is GroupNorm(4, C)
 
 
-class _Param(NamedTuple):
+class ParamInfo(NamedTuple):
+    """One parameter tensor of a :class:`ConvNetSpec` (see ``ConvNetSpec.params``)."""
+
     name: str  # upstream state_dict key, e.g. "features.0.weight"
     shape: torch.Size
     kind: str  # "conv_weight", "conv_bias", "norm_weight", "norm_bias", "linear_weight", "linear_bias"
     offset: int  # start in the flat vector
     weight_shape: torch.Size  # for biases: the shape of the layer's weight (gives fan_in); else shape
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+class LayerParams(NamedTuple):
+    """Where one conv block's parameters are in the parameter list (indices into ``ConvNetSpec.params``)."""
+
+    conv_weight: int
+    conv_bias: int
+    norm_weight: int | None  # None without a norm (or its affine parameters)
+    norm_bias: int | None
 
 
 class BlockShape(NamedTuple):
@@ -208,15 +228,22 @@ class ConvNetSpec:
         """(C, H, W) of one input image."""
         return (self.channels, *self.image_size)
 
+    @property
+    def norm_relu_pool_blocks(self) -> bool:
+        """Whether every block is instance norm -> ReLU -> 2x2 average pool (upstream's default ConvNet):
+        the blocks :func:`datm_fast.ops.norm_relu_pool` computes as one fused op."""
+        return (self.norm, self.activation, self.pooling) == ("instance", "relu", "avg")
+
     @cached_property
-    def _params(self) -> tuple[_Param, ...]:
-        params: list[_Param] = []
+    def params(self) -> tuple[ParamInfo, ...]:
+        """Every parameter tensor in upstream ``parameters()`` order: name, shape, kind, flat offset."""
+        params: list[ParamInfo] = []
         offset = 0
 
         def add(name: str, shape: tuple[int, ...], kind: str, weight_shape: tuple[int, ...] | None = None) -> None:
             nonlocal offset
             s = torch.Size(shape)
-            params.append(_Param(name, s, kind, offset, torch.Size(weight_shape or shape)))
+            params.append(ParamInfo(name, s, kind, offset, torch.Size(weight_shape or shape)))
             offset += s.numel()
 
         idx = 0  # index inside upstream's nn.Sequential `features`
@@ -238,17 +265,32 @@ class ConvNetSpec:
         add("classifier.bias", (self.num_classes,), "linear_bias", hshape)
         return tuple(params)
 
+    @cached_property
+    def layer_params(self) -> tuple[LayerParams, ...]:
+        """Per conv block, the indices of its conv weight and bias and norm weight and bias in :attr:`params`."""
+        out, i = [], 0
+        has_norm = self.norm != "none"
+        for _ in self.layers:
+            out.append(LayerParams(i, i + 1, i + 2 if has_norm else None, i + 3 if has_norm else None))
+            i += 4 if has_norm else 2
+        return tuple(out)
+
+    @property
+    def head_params(self) -> tuple[int, int]:
+        """Indices of the linear head's weight and bias in :attr:`params` (the last two)."""
+        return len(self.params) - 2, len(self.params) - 1
+
     def param_shapes(self) -> list[tuple[str, torch.Size]]:
         """(name, shape) of every parameter in upstream ``parameters()`` order.
 
         Names are upstream's ``state_dict`` keys (``features.0.weight``, ..., ``classifier.bias``).
         """
-        return [(p.name, p.shape) for p in self._params]
+        return [(p.name, p.shape) for p in self.params]
 
     @property
     def num_params(self) -> int:
         """Length of the flat parameter vector."""
-        last = self._params[-1]
+        last = self.params[-1]
         return last.offset + last.shape.numel()
 
     def replace(self, **changes: object) -> ConvNetSpec:
@@ -277,7 +319,7 @@ def unflatten_params(spec: ConvNetSpec, flat: torch.Tensor) -> list[torch.Tensor
             out.append(flat[i : i + shape.numel()].view(shape)); i += shape.numel()
     """
     _check_flat(spec, flat)
-    return [flat.narrow(0, p.offset, p.shape.numel()).view(p.shape) for p in spec._params]
+    return [flat.narrow(0, p.offset, p.shape.numel()).view(p.shape) for p in spec.params]
 
 
 def flatten_params(module_or_list: Union[nn.Module, Iterable[torch.Tensor]]) -> torch.Tensor:
@@ -317,7 +359,7 @@ def init_flat_params(
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     flat = torch.empty(spec.num_params, dtype=dtype, device=device)
-    for p, view in zip(spec._params, unflatten_params(spec, flat)):
+    for p, view in zip(spec.params, unflatten_params(spec, flat)):
         if p.kind in ("conv_weight", "linear_weight"):
             init_weight_(view, generator)
         elif p.kind in ("conv_bias", "linear_bias"):
@@ -341,7 +383,8 @@ def _norm(spec: ConvNetSpec, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor) 
     return F.batch_norm(h, None, None, w, b, training=True, eps=NORM_EPS)
 
 
-def _act(spec: ConvNetSpec, h: torch.Tensor) -> torch.Tensor:
+def apply_activation(spec: ConvNetSpec, h: torch.Tensor) -> torch.Tensor:
+    """The block's activation (``spec.activation``) of ``h``."""
     if spec.activation == "relu":
         return F.relu(h)
     if spec.activation == "leakyrelu":
@@ -349,7 +392,8 @@ def _act(spec: ConvNetSpec, h: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(h)
 
 
-def _pool(spec: ConvNetSpec, h: torch.Tensor) -> torch.Tensor:
+def apply_pooling(spec: ConvNetSpec, h: torch.Tensor) -> torch.Tensor:
+    """The block's 2x2 pooling (``spec.pooling``) of ``h``, or ``h`` itself for ``"none"``."""
     if spec.pooling == "avg":
         return F.avg_pool2d(h, kernel_size=2, stride=2)
     if spec.pooling == "max":
@@ -382,6 +426,9 @@ def convnet_forward(spec: ConvNetSpec, flat_params: torch.Tensor, x: torch.Tenso
     return convnet_apply(spec, unflatten_params(spec, flat_params), x)
 
 
+Conv = Callable[..., torch.Tensor]  # (x, weight, bias, padding=...) -> y, as F.conv2d
+
+
 def convnet_apply(
     spec: ConvNetSpec,
     params: Sequence[torch.Tensor],
@@ -389,7 +436,7 @@ def convnet_apply(
     *,
     fused: bool = False,
     backend: str = "auto",
-    taps: list[tuple[torch.Tensor, torch.Tensor, int, int]] | None = None,
+    conv: Conv | None = None,
 ) -> torch.Tensor:
     """:func:`convnet_forward` with the parameters as separate tensors (``unflatten_params`` order).
 
@@ -398,44 +445,34 @@ def convnet_apply(
     per parameter tensor, 14 for ConvNet-3), which the unroll engines would pay at every step.
 
     ``fused=True`` runs each instance norm -> ReLU -> 2x2 average pool block as one fused op
-    (:func:`datm_fast.ops.norm_relu_pool`, on ``backend``), with fused backward and double-backward
-    kernels (other architectures keep PyTorch's ops there), and every convolution as
-    :func:`datm_fast.ops.conv2d`, whose second derivative runs on the convolution library's own
-    backward kernels. Same values and derivatives to rounding.
+    (:func:`datm_fast.ops.norm_relu_pool`, on ``backend``) where ``spec.norm_relu_pool_blocks`` (other
+    architectures keep PyTorch's ops there), and every convolution as :func:`datm_fast.ops.conv2d`, whose
+    second derivative runs on the convolution library's own backward kernels. Same values and
+    derivatives to rounding.
 
-    ``taps``, when given, receives ``(input, output, index of its weight in params, padding)`` of
-    every convolution in layer order (the bias is at index + 1): the exact unroll engine differentiates
-    through them (see ``datm_fast.distill.unroll``).
+    ``conv``, when given, computes every convolution instead (called as ``conv(x, weight, bias,
+    padding=p)``, in layer order), e.g. a wrapper that keeps the convolutions' inputs and outputs.
     """
     if x.dim() != 4 or tuple(x.shape[1:]) != spec.input_shape:
         raise ValueError(
             f"convnet_forward: x must have shape (N, {', '.join(map(str, spec.input_shape))}), got {tuple(x.shape)}"
         )
-    if len(params) != len(spec._params):
-        raise ValueError(f"convnet_apply: expected {len(spec._params)} parameter tensors, got {len(params)}")
-    i = 0
+    if len(params) != len(spec.params):
+        raise ValueError(f"convnet_apply: expected {len(spec.params)} parameter tensors, got {len(params)}")
+    if conv is None:
+        conv = conv2d if fused else F.conv2d
+    fuse = fused and spec.norm_relu_pool_blocks
     h = x
-    fuse = fused and spec.norm == "instance" and spec.activation == "relu" and spec.pooling == "avg"
-    conv = F.conv2d
-    if fused:
-        from ..ops import conv2d as conv  # late: models must import without the ops machinery
-    for layer in spec.layers:
-        conv_in = h
-        h = conv(h, params[i], params[i + 1], padding=layer.padding)
-        if taps is not None:
-            taps.append((conv_in, h, i, layer.padding))
-        i += 2
+    for layer, where in zip(spec.layers, spec.layer_params):
+        h = conv(h, params[where.conv_weight], params[where.conv_bias], padding=layer.padding)
         if fuse:
-            from ..ops import norm_relu_pool
-
-            h = norm_relu_pool(h, params[i], params[i + 1], NORM_EPS, backend=backend)
-            i += 2
+            h = norm_relu_pool(h, params[where.norm_weight], params[where.norm_bias], NORM_EPS, backend=backend)
             continue
-        if spec.norm != "none":
-            h = _norm(spec, h, params[i], params[i + 1])
-            i += 2
-        h = _pool(spec, _act(spec, h))
-    return F.linear(h.flatten(1), params[i], params[i + 1])
+        if where.norm_weight is not None:
+            h = _norm(spec, h, params[where.norm_weight], params[where.norm_bias])
+        h = apply_pooling(spec, apply_activation(spec, h))
+    weight, bias = spec.head_params
+    return F.linear(h.flatten(1), params[weight], params[bias])
 
 
 # ----- module ----------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ Backward, given ``gp = dL/dp``: ``gn = [n > 0] * upsample(gp) / 4`` (zero outsid
 windows when H or W is odd), ``dgamma = sum(gn * xhat)``, ``dbeta = sum(gn)`` (over the batch and the
 plane), ``dz = gamma * r * (gn - mean(gn) - xhat * mean(gn * xhat))``.
 
-Double backward, given the adjoints ``u``, ``u_gamma``, ``u_beta`` of ``dz``, ``dgamma``, ``dbeta``
-(the Hessian-vector product of the exact unroll engine goes through here): see
+Double backward, given the adjoints ``u`` of ``dz`` and ``u_gamma``, ``u_beta`` of each plane's
+``sum(gn * xhat)`` and ``sum(gn)`` (whose batch sums are ``dgamma`` and ``dbeta``; the Hessian-vector
+product of the exact unroll engine goes through here): see
 :func:`block_double_backward_reference`, whose comments derive each term. The ReLU mask is piecewise
 constant, so no term comes from it, exactly as in autograd.
 """
@@ -98,7 +99,9 @@ def block_double_backward_reference(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Adjoints of the backward's inputs: ``(d gp, d z, d gamma per plane (B, C))``; d beta is zero.
 
-    ``u``, ``u_gamma`` (C,), ``u_beta`` (C,) are the adjoints of ``dz``, ``dgamma``, ``dbeta``.
+    ``u`` is the adjoint of ``dz``; ``u_gamma`` and ``u_beta``, ``(B, C)``, those of the per-plane sums
+    ``sum_gn_xhat`` and ``sum_gn`` of :func:`block_backward_reference` (an adjoint of ``dgamma`` and
+    ``dbeta``, ``(C,)``, is the same row for every sample: ``u_gamma.expand(B, C)``).
     """
     M = z.shape[2] * z.shape[3]
     xhat, mask, gn = _xhat_mask_gn(gp, z, gamma, beta, mean, rstd)
@@ -108,7 +111,7 @@ def block_double_backward_reference(
 
     r = rstd[..., None, None]
     g = gamma[:, None, None]
-    ug, ub = u_gamma[:, None, None], u_beta[:, None, None]
+    ug, ub = u_gamma[..., None, None], u_beta[..., None, None]
     ghat = g * gn  # d L / d xhat of the first backward
     A, Bm = pmean(ghat), pmean(ghat * xhat)  # dz = r * (ghat - A - xhat * Bm)
     U1, U2 = pmean(u), pmean(u * xhat)

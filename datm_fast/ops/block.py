@@ -1,0 +1,197 @@
+"""The ConvNet block after its convolution, fused: instance norm (affine) -> ReLU -> 2x2 average pool.
+
+One unit, and the only way into it: the arithmetic is ``csrc/block.h``, shared by the C++ launchers
+(``csrc/block_cpu.cpp``: NCHW plane kernels and channels_last sample kernels) and the CUDA kernels
+(``csrc/block_cuda.cu``) behind three operators,
+
+    torch.ops.datm_fast.block_forward(z, gamma, beta, eps)             -> (out, mean, rstd)
+    torch.ops.datm_fast.block_backward(gp, z, gamma, beta, mean, rstd) -> (dz, sum_gn, sum_gn_xhat)
+    torch.ops.datm_fast.block_double_backward(u, u_sum_gn_xhat, u_sum_gn, gp, z, gamma, beta, mean, rstd)
+                                                                         -> (d_gp, d_z, d_gamma per plane)
+
+whose fake kernels and autograd formulas are registered here (each operator's derivative is the next
+one, so ``create_graph=True`` and Hessian-vector products run on the fused kernels); the closed-form
+references are :mod:`datm_fast.reference.block`. ``sum_gn`` and ``sum_gn_xhat`` are per (sample,
+channel) plane, ``(B, C)``: their batch sums are ``dbeta`` and ``dgamma``.
+
+* :func:`norm_relu_pool_why_not` says why the compiled kernels cannot take an input (the one check);
+* :func:`block_kernels` is the one dispatcher: the three kernels of the chosen backend, compiled or
+  the closed-form references, for code that calls them one by one (the exact engine's written-out
+  steps);
+* :func:`norm_relu_pool` is the differentiable op (any order) that networks call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .._ext import on_load
+from ..backends import Backend, resolve_backend
+from ..reference.block import (
+    block_backward_reference,
+    block_double_backward_reference,
+    block_forward_reference,
+    norm_relu_pool_reference,
+)
+
+__all__ = ["BlockKernels", "block_kernels", "norm_relu_pool", "norm_relu_pool_why_not", "resolve_block_backend"]
+
+
+def norm_relu_pool_why_not(z: Tensor) -> str | None:
+    """Why the compiled kernels (C++, CUDA) cannot take ``z``, or None when they can."""
+    if z.dtype not in (torch.float32, torch.float64):
+        return f"the compiled kernels take float32 or float64, got {z.dtype}"
+    if z.dim() != 4 or z.shape[2] < 2 or z.shape[3] < 2:
+        return f"the compiled kernels take (B, C, H, W) with H, W >= 2, got shape {tuple(z.shape)}"
+    return None
+
+
+def resolve_block_backend(backend: Backend, z: Tensor) -> str:
+    """The backend that runs the block on ``z``: ``"cpp"``, ``"cuda"`` or ``"torch"``.
+
+    ``"auto"`` takes the compiled kernels of ``z``'s device when they are live and can take ``z``,
+    else PyTorch. An explicit compiled backend that cannot take ``z`` is an error that says why; there
+    is no Triton kernel for this op.
+    """
+    if backend == "triton":
+        raise ValueError("norm_relu_pool: no Triton kernel for this op; use 'auto', 'torch', 'cpp' or 'cuda'")
+    chosen = resolve_backend(backend, z.device)
+    why = norm_relu_pool_why_not(z)
+    if backend == "auto":
+        return chosen if chosen in ("cpp", "cuda") and why is None else "torch"
+    if chosen != "torch" and why is not None:
+        raise ValueError(f"norm_relu_pool: backend {backend!r} cannot run this input: {why}")
+    return chosen
+
+
+class BlockKernels(NamedTuple):
+    """The block's three kernels on one backend (signatures as the operators in the module docstring)."""
+
+    backend: str  # "cpp", "cuda" or "torch" (the closed-form references)
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    double_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+_REFERENCE_KERNELS = BlockKernels(
+    "torch", block_forward_reference, block_backward_reference, block_double_backward_reference
+)
+
+
+def block_kernels(backend: Backend, z: Tensor) -> BlockKernels:
+    """The dispatcher: the kernels that :func:`resolve_block_backend` picks for ``z``.
+
+    They take and return plain tensors without recording a graph; what calls them is its own autograd.
+    """
+    chosen = resolve_block_backend(backend, z)
+    if chosen == "torch":
+        return _REFERENCE_KERNELS
+    ops = torch.ops.datm_fast
+    return BlockKernels(chosen, ops.block_forward, ops.block_backward, ops.block_double_backward)
+
+
+def norm_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5, *, backend: Backend = "auto") -> Tensor:
+    """The ConvNet block after its convolution, fused: instance norm (affine) -> ReLU -> 2x2 average pool.
+
+    Args:
+        z: (B, C, H, W) convolution output, float32 or float64 for the compiled backends, any memory
+            format (the C++ kernels keep channels_last; the CUDA ones are NCHW).
+        gamma, beta: (C,) the norm's affine weight and bias.
+        eps: added to the variance, as ``nn.GroupNorm(C, C, eps=eps)``.
+        backend: ``"auto"`` (C++ on CPU, CUDA on GPU where built, else PyTorch), ``"torch"``, ``"cpp"``
+            or ``"cuda"`` (see :func:`resolve_block_backend`).
+
+    Returns (B, C, H // 2, W // 2), differentiable any number of times in z, gamma and beta (the second
+    derivative is the fused double-backward kernel, as the unroll engines need; a third one is not
+    implemented by the compiled kernels).
+
+    Equivalent PyTorch code::
+
+        F.avg_pool2d(F.relu(F.group_norm(z, C, gamma, beta, eps)), 2)
+    """
+    if z.dim() != 4:
+        raise ValueError(f"norm_relu_pool: z must be (B, C, H, W), got shape {tuple(z.shape)}")
+    channels = z.shape[1]
+    for name, t in (("gamma", gamma), ("beta", beta)):
+        if t.shape != (channels,):
+            raise ValueError(f"norm_relu_pool: {name} must have shape ({channels},), got {tuple(t.shape)}")
+        if t.dtype != z.dtype or t.device != z.device:
+            raise ValueError(f"norm_relu_pool: {name} must have z's dtype and device ({z.dtype}, {z.device})")
+    if resolve_block_backend(backend, z) == "torch":
+        return norm_relu_pool_reference(z, gamma, beta, eps)
+    return torch.ops.datm_fast.block_forward(z, gamma, beta, float(eps))[0]
+
+
+# ----- fake kernels and autograd of the compiled operators ------------------------------------------
+def _like(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """An empty output as the launchers make it: channels_last for a channels_last CPU input, else NCHW."""
+    channels_last = (
+        t.device.type == "cpu" and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return t.new_empty(shape).contiguous(memory_format=fmt)
+
+
+def _register_compiled_parts() -> None:
+    @torch.library.register_fake("datm_fast::block_forward")
+    def _forward_fake(z, gamma, beta, eps):
+        b, c, h, w = z.shape
+        return _like(z, (b, c, h // 2, w // 2)), z.new_empty(b, c), z.new_empty(b, c)
+
+    @torch.library.register_fake("datm_fast::block_backward")
+    def _backward_fake(gp, z, gamma, beta, mean, rstd):
+        b, c = z.shape[:2]
+        return _like(z, tuple(z.shape)), z.new_empty(b, c), z.new_empty(b, c)
+
+    @torch.library.register_fake("datm_fast::block_double_backward")
+    def _double_backward_fake(u, u_gamma, u_beta, gp, z, gamma, beta, mean, rstd):
+        b, c = z.shape[:2]
+        return _like(z, tuple(gp.shape)), _like(z, tuple(z.shape)), z.new_empty(b, c)
+
+    # block_forward: the statistics are outputs for the backward's sake, not differentiable.
+    def forward_setup(ctx, inputs, output):
+        z, gamma, beta, _eps = inputs
+        _out, mean, rstd = output
+        ctx.save_for_backward(z, gamma, beta, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def forward_backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        z, gamma, beta, mean, rstd = ctx.saved_tensors
+        dz, sum_gn, sum_gn_xhat = torch.ops.datm_fast.block_backward(grad_out, z, gamma, beta, mean, rstd)
+        return dz, sum_gn_xhat.sum(0), sum_gn.sum(0), None
+
+    torch.library.register_autograd("datm_fast::block_forward", forward_backward, setup_context=forward_setup)
+
+    # block_backward: its derivative is the double backward. mean and rstd must be block_forward's
+    # statistics of z: the double-backward formulas carry their dependence on z, so none flows to them.
+    def backward_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward_backward(ctx, u, u_sum_gn, u_sum_gn_xhat):
+        gp, z, gamma, beta, mean, rstd = ctx.saved_tensors
+        d_gp, d_z, d_gamma = torch.ops.datm_fast.block_double_backward(
+            u, u_sum_gn_xhat, u_sum_gn, gp, z, gamma, beta, mean, rstd
+        )
+        # beta reaches the gradient only through the ReLU mask, whose derivative is zero.
+        return d_gp, d_z, d_gamma.sum(0), None, None, None
+
+    torch.library.register_autograd("datm_fast::block_backward", backward_backward, setup_context=backward_setup)
+
+    def double_backward_setup(ctx, inputs, output):
+        pass
+
+    def double_backward_backward(ctx, *grads):
+        raise NotImplementedError(
+            "norm_relu_pool: the compiled kernels give the first and second derivatives; a third one is not "
+            "implemented (use backend='torch')"
+        )
+
+    torch.library.register_autograd(
+        "datm_fast::block_double_backward", double_backward_backward, setup_context=double_backward_setup
+    )
+
+
+on_load(_register_compiled_parts)
