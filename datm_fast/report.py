@@ -6,14 +6,19 @@ reads a run directory (what ``datm-fast distill --out RUN_DIR`` writes) and writ
 ==================  ===================================================================================
 ``report.md``       run summary (dataset, ipc, model, iterations, skipped and non-finite counts, time,
                     peak memory), an accuracy table (the best evaluation of ``metrics.jsonl`` and every
-                    ``eval_*.json`` of the run directory, baselines included), the curves, the image
-                    grid and the key config values
+                    ``eval_*.json`` of the run directory, baselines apart), the curves, the image grid
+                    and the config, section by section
 ``curves.png``      matching loss per iteration (raw and smoothed; skipped and non-finite iterations
                     marked), the learned lr, the start epochs drawn with their window, and the
                     evaluation accuracy (mean ± std)
 image grid          ``images_best.png`` of the run, linked in place (copied when the report is written
                     elsewhere); without it one is drawn from ``images_best.pt`` as ``grid.png``
 ==================  ===================================================================================
+
+It goes in three steps: :func:`gather` reads the run directory (through its
+:class:`~datm_fast.distill.rundir.RunDir`) into a :class:`RunFacts`; :func:`summarize` turns the facts
+into the numbers and table rows of a :class:`Summary` (no I/O); :func:`render` draws the pictures and
+writes the Markdown.
 
 A report written under another name (``out="reports/c10.md"``) prefixes its pictures with the stem
 (``c10_curves.png``), so several reports can share a folder. A run that is still going, or was killed,
@@ -44,108 +49,27 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from .distill.config import SECTIONS, DistillConfig, load_config, start_epoch_upper
+from .distill.rundir import Metrics, RunDir, RunRecord, read_metrics
 from .utils import atomic_write
 
-__all__ = ["Metrics", "read_metrics", "write_report", "add_parser", "run_report"]
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-RUN_INFO_FILE = "run.json"
-GRID_FILE = "images_best.png"
-IMAGES_FILE = "images_best.pt"
-LABELS_FILE = "labels_best.pt"
+__all__ = [
+    "Metrics",
+    "RunFacts",
+    "Summary",
+    "add_parser",
+    "gather",
+    "read_metrics",
+    "render",
+    "run_report",
+    "summarize",
+    "write_report",
+]
 
 _EXPECTED = (
     "a run directory as `datm-fast distill --out RUN_DIR` writes it: metrics.jsonl (one JSON row per iteration), "
     "config.yaml, run.json, images_best.pt / labels_best.pt / lr_best.pt, images_best.png"
 )
-
-# Config keys shown in the report, in this order; any other key that differs from the default follows.
-_CONFIG_KEYS = (
-    "dataset",
-    "ipc",
-    "model",
-    "zca",
-    "syn_steps",
-    "expert_epochs",
-    "min_start_epoch",
-    "current_max_start_epoch",
-    "max_start_epoch",
-    "sequential_generation",
-    "expansion_end_epoch",
-    "batch_syn",
-    "threshold",
-    "lr_img",
-    "lr_teacher",
-    "lr_lr",
-    "lr_y",
-    "momentum_y",
-    "pix_init",
-    "dsa",
-    "dsa_strategy",
-    "iterations",
-    "eval_it",
-    "num_eval",
-    "epoch_eval_train",
-    "eval_mode",
-    "seed",
-    "unroll",
-    "backend",
-    "device",
-)
-
-
-# ----- reading -----------------------------------------------------------------------------------------
-@dataclass
-class Metrics:
-    """The rows of a ``metrics.jsonl``, one per iteration, sorted by iteration.
-
-    Attributes:
-        rows: the parsed rows (dicts with at least ``iteration``); for an iteration logged twice, the last.
-        bad_lines: 1-based line numbers that are not a JSON object with an integer ``iteration``.
-        partial_last: the last line is bad and has no newline: the half-written line of a killed run.
-    """
-
-    rows: list[dict[str, Any]]
-    bad_lines: list[int] = field(default_factory=list)
-    partial_last: bool = False
-
-    @property
-    def eval_rows(self) -> list[dict[str, Any]]:
-        """Rows with an evaluation (``eval_mean`` a finite number)."""
-        return [r for r in self.rows if _num(r.get("eval_mean")) is not None]
-
-
-def read_metrics(path: str | os.PathLike[str]) -> Metrics:
-    """Parse ``metrics.jsonl``, tolerating a half-written last line (a killed run) and other bad lines.
-
-    ``NaN`` and ``Infinity`` losses (what ``json.dumps`` writes for a non-finite loss) are read as floats.
-    Raises ``ValueError`` naming ``path`` when it cannot be read.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc})") from exc
-    lines = text.split("\n")
-    by_iteration: dict[int, dict[str, Any]] = {}
-    bad: list[int] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(number)
-            continue
-        it = row.get("iteration") if isinstance(row, dict) else None
-        if isinstance(it, bool) or not isinstance(it, int):
-            bad.append(number)
-            continue
-        by_iteration[it] = row
-    # text.split("\n") ends with "" when the file ends in a newline; otherwise the last element is unterminated
-    partial_last = bool(bad) and bad[-1] == len(lines) and not text.endswith("\n")
-    return Metrics(rows=[by_iteration[k] for k in sorted(by_iteration)], bad_lines=bad, partial_last=partial_last)
 
 
 def _num(value: Any) -> float | None:
@@ -163,6 +87,20 @@ def _float(value: Any) -> float:
     return float(value)
 
 
+# ----- gather: read the run directory -------------------------------------------------------------
+@dataclass
+class RunFacts:
+    """What a run directory holds, read once (nothing is computed here)."""
+
+    run: RunDir
+    metrics: Metrics
+    raw_config: dict[str, Any]  # config.yaml as written ({} when absent or unreadable)
+    config: DistillConfig | None  # the same, checked (None for a foreign or edited config)
+    record: RunRecord | None  # run.json
+    eval_files: list[tuple[str, dict[str, Any]]]  # (file name, parsed eval_*.json)
+    notes: list[str] = field(default_factory=list)  # what was missing or unreadable
+
+
 def _read_json(path: Path, notes: list[str]) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -171,24 +109,22 @@ def _read_json(path: Path, notes: list[str]) -> Any:
         return None
 
 
-def _read_config(run_dir: Path, notes: list[str]) -> tuple[dict[str, Any], Any]:
+def _read_config(run: RunDir, notes: list[str]) -> tuple[dict[str, Any], DistillConfig | None]:
     """``config.yaml`` as a plain dict, and as a ``DistillConfig`` when it loads (else None)."""
-    path = run_dir / CONFIG_FILE
+    path = run.file(RunDir.CONFIG)
     if not path.is_file():
-        notes.append(f"no `{CONFIG_FILE}` in the run directory: the config is not shown")
+        notes.append(f"no `{RunDir.CONFIG}` in the run directory: the config is not shown")
         return {}, None
     import yaml
 
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        notes.append(f"`{CONFIG_FILE}` is not readable YAML ({exc}); the config is not shown")
+        notes.append(f"`{RunDir.CONFIG}` is not readable YAML ({exc}); the config is not shown")
         return {}, None
     if not isinstance(raw, dict):
-        notes.append(f"`{CONFIG_FILE}` does not hold a mapping of keys to values; the config is not shown")
+        notes.append(f"`{RunDir.CONFIG}` does not hold a mapping of keys to values; the config is not shown")
         return {}, None
-    from .distill.config import load_config
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -198,7 +134,49 @@ def _read_config(run_dir: Path, notes: list[str]) -> tuple[dict[str, Any], Any]:
     return raw, config
 
 
-# ----- formatting --------------------------------------------------------------------------------------
+def gather(run_dir: str | os.PathLike[str]) -> RunFacts:
+    """Read everything the report shows from ``run_dir``; ``ValueError`` naming what is missing when
+    there is no such directory or no ``metrics.jsonl`` in it."""
+    run = RunDir(run_dir)
+    if not run.path.exists():
+        raise ValueError(f"run directory {run.path} does not exist; expected {_EXPECTED}")
+    if not run.path.is_dir():
+        raise ValueError(f"{run.path} is not a directory; expected {_EXPECTED}")
+    if not run.file(RunDir.METRICS).is_file():
+        raise ValueError(
+            f"{run.path}: no {RunDir.METRICS} (one JSON row per distillation iteration); expected {_EXPECTED}. "
+            "Was the run started, and is this its --out directory?"
+        )
+    notes: list[str] = []
+    metrics = run.read_metrics()
+    if metrics.bad_lines:
+        if metrics.partial_last and len(metrics.bad_lines) == 1:
+            notes.append(
+                f"`{RunDir.METRICS}`: the last line (line {metrics.bad_lines[0]}) is half-written (the run was "
+                "killed or is still writing); skipped"
+            )
+        else:
+            shown = ", ".join(map(str, metrics.bad_lines[:10])) + (" …" if len(metrics.bad_lines) > 10 else "")
+            notes.append(f"`{RunDir.METRICS}`: {len(metrics.bad_lines)} unreadable line(s) skipped (line {shown})")
+    raw_config, config = _read_config(run, notes)
+    try:
+        record = run.read_record()
+    except ValueError as exc:
+        notes.append(f"`{RunDir.RECORD}` is not readable ({exc}); left out")
+        record = None
+    eval_files = []
+    for path in run.eval_files():
+        data = _read_json(path, notes)
+        if data is None:
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            notes.append(f"`{path.name}` has no `results` list (the layout `datm-fast eval` writes); left out")
+            continue
+        eval_files.append((path.name, data))
+    return RunFacts(run, metrics, raw_config, config, record, eval_files, notes)
+
+
+# ----- summarize: the numbers and rows, no I/O ----------------------------------------------------
 def _pct(mean: float, std: float | None) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}" if std is not None else f"{100 * mean:.2f}"
 
@@ -211,6 +189,174 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _seconds(total: float) -> str:
+    if total < 120:
+        return f"{total:.1f} s"
+    hours, rest = divmod(total, 3600)
+    return (f"{int(hours)} h " if hours else "") + f"{int(rest // 60)} min" + f" ({total:.0f} s)"
+
+
+_BASELINE_NAMES = ("random-real", "whole")
+
+
+@dataclass
+class Summary:
+    """The report's content, ready to render: identity, summary rows, accuracy tables, config."""
+
+    title: str  # dataset · ipc · model · directory
+    dataset: str
+    preprocessing: str | None
+    ipc: int | None
+    model: str
+    summary_rows: list[list[str]]
+    accuracy_rows: list[list[str]]  # sets: the in-loop best and every evaluated set
+    baseline_rows: list[list[str]]
+    every_eval: list[list[str]]  # iteration, accuracy of each in-loop evaluation (when more than one)
+    config_lines: list[str]  # one per section, or raw key = value pairs
+    notes: list[str]
+
+
+def _eval_rows(
+    eval_files: list[tuple[str, dict[str, Any]]], notes: list[str]
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Rows of the evaluations table and of the baselines table, from every ``eval_*.json``: a result
+    is a baseline by its name (``random-real ...``, ``whole ...``), whatever else its file holds."""
+    sets: list[list[str]] = []
+    baselines: list[list[str]] = []
+    for name, data in eval_files:
+        config = data.get("config") if isinstance(data.get("config"), dict) else {}
+        for r in data["results"]:
+            if not isinstance(r, dict) or _num(r.get("mean")) is None:
+                notes.append(f"`{name}`: a result without a numeric `mean`; left out")
+                continue
+            mean, std = float(r["mean"]), _num(r.get("std"))
+            runs = r.get("runs", len(r.get("accuracies") or []) or "?")
+            losses = r.get("train_losses") or []
+            details = []
+            if _num(r.get("lr")) is not None:
+                details.append(f"lr {r['lr']:.4g}")
+            epochs = r.get("epochs", config.get("epochs"))
+            if epochs is not None:
+                details.append(f"{epochs} epochs")
+            if _num(r.get("seconds")) is not None:
+                details.append(_seconds(float(r["seconds"])))
+            if any(_num(v) is None for v in losses):
+                details.append("**diverged in some run**")
+            what = str(r.get("name") or "")
+            row = [f"`{name}`", "", str(r.get("model", "?")), str(runs), _pct(mean, std), ", ".join(details)]
+            if what.startswith(_BASELINE_NAMES):
+                row[1] = what
+                baselines.append(row)
+            else:
+                row[1] = f"set `{data.get('tag') or name[len('eval_') : -len('.json')]}`"
+                sets.append(row)
+    return sets, baselines
+
+
+def _config_lines(facts: RunFacts) -> list[str]:
+    """The config, one line per section (all keys); a config that does not load: its raw keys."""
+    if facts.config is None:
+        return [", ".join(f"`{k}` {_fmt(v)}" for k, v in facts.raw_config.items())] if facts.raw_config else []
+    return [
+        f"**{name}**: " + " · ".join(f"`{k}` {_fmt(v)}" for k, v in vars(getattr(facts.config, name)).items())
+        for name in SECTIONS
+    ]
+
+
+def summarize(facts: RunFacts) -> Summary:
+    """Everything the report says, from the facts (pure: no file is read or written)."""
+    raw, rows, notes = facts.raw_config, facts.metrics.rows, list(facts.notes)
+    data = facts.record.data if facts.record is not None else None
+    dataset = (data.dataset if data is not None else None) or raw.get("dataset") or "?"
+    preprocessing = data.preprocessing if data is not None else None
+    if preprocessing is None and isinstance(raw.get("zca"), bool):
+        preprocessing = "zca" if raw["zca"] else "normalize"
+    ipc = raw.get("ipc", facts.record.ipc if facts.record is not None else None)
+    ipc = ipc if isinstance(ipc, int) and not isinstance(ipc, bool) else None
+    model = raw.get("model") or (facts.record.model if facts.record is not None else None) or "?"
+    planned = raw.get("iterations")
+    known = [str(dataset) if dataset != "?" else "", f"ipc {ipc}" if ipc is not None else "", str(model).strip("?")]
+    title = " · ".join([p for p in known if p] + [facts.run.path.resolve().name])
+
+    n_rows = len(rows)
+    n_skipped = sum(bool(r.get("skipped")) for r in rows)
+    n_nonfinite = sum(bool(r.get("nonfinite")) or ("loss" in r and _num(r.get("loss")) is None) for r in rows)
+    seconds = [v for v in (_num(r.get("seconds")) for r in rows) if v is not None]
+    peaks = [v for v in (_num(r.get("peak_memory_gb")) for r in rows) if v is not None]
+    evals = facts.metrics.eval_rows
+    best = max(evals, key=lambda r: float(r["eval_mean"])) if evals else None
+
+    space = f" ({preprocessing})" if preprocessing else ""
+    summary: list[list[str]] = [["dataset", f"{dataset}{space}"], ["images per class", str(ipc or "?")]]
+    summary.append(["model", str(model)])
+    if rows:
+        first, last = rows[0]["iteration"], rows[-1]["iteration"]
+        of = (
+            f" of {planned + 1} planned (`iterations: {planned}`, runs 0 … {planned})"
+            if isinstance(planned, int)
+            else ""
+        )
+        summary.append(["iterations run", f"{n_rows}{of}; logged iterations {first} … {last}"])
+        gaps = last - first + 1 - n_rows
+        if gaps:
+            notes.append(f"`{RunDir.METRICS}`: {gaps} iteration(s) between {first} and {last} are not logged")
+    else:
+        summary.append(["iterations run", "0 (metrics.jsonl has no rows yet)"])
+    over = n_skipped - sum(bool(r.get("skipped")) and bool(r.get("nonfinite")) for r in rows)
+    threshold = raw.get("threshold")
+    why = f"loss > threshold {threshold:g}" if isinstance(threshold, (int, float)) else "loss > threshold"
+    summary.append(["updates skipped", f"{n_skipped} ({over} with {why}, {n_skipped - over} non-finite)"])
+    summary.append(["non-finite losses or gradients", str(n_nonfinite)])
+    if seconds:
+        mean_s = sum(seconds) / len(seconds)
+        summary.append(
+            ["time", f"{_seconds(sum(seconds))} total, {mean_s:.3g} s per iteration (evaluations not counted)"]
+        )
+    if peaks:
+        summary.append(["peak memory", f"{max(peaks):.2f} GB (CUDA: max allocated; CPU: process peak RSS)"])
+    if best is not None:
+        acc = _pct(float(best["eval_mean"]), _num(best.get("eval_std")))
+        summary.append(["best accuracy", f"**{acc} %** at iteration {best['iteration']} ({len(evals)} evaluations)"])
+    if rows:
+        last_row = rows[-1]
+        loss_v, lr_v = _float(last_row.get("loss")), _num(last_row.get("lr"))
+        parts = [f"loss {loss_v:.4g}"] + ([f"lr {lr_v:.4g}"] if lr_v is not None else [])
+        parts += [f"start epoch {last_row['start_epoch']}"] if "start_epoch" in last_row else []
+        summary.append([f"last iteration ({last_row['iteration']})", ", ".join(parts)])
+
+    table: list[list[str]] = []
+    if best is not None:
+        acc = _pct(float(best["eval_mean"]), _num(best.get("eval_std")))
+        last_e = evals[-1]
+        detail = f"best of {len(evals)} evaluations during distillation, at iteration {best['iteration']}"
+        if last_e is not best:
+            detail += (
+                f"; last ({last_e['iteration']}): {_pct(float(last_e['eval_mean']), _num(last_e.get('eval_std')))}"
+            )
+        runs = f"{raw['num_eval']} (num_eval)" if "num_eval" in raw else "?"
+        table.append([f"`{RunDir.METRICS}`", "set during distillation", str(model), runs, acc, detail])
+    sets, baselines = _eval_rows(facts.eval_files, notes)
+    every = (
+        [[str(r["iteration"]), _pct(float(r["eval_mean"]), _num(r.get("eval_std")))] for r in evals]
+        if len(evals) > 1
+        else []
+    )
+    return Summary(
+        title=title,
+        dataset=str(dataset),
+        preprocessing=preprocessing,
+        ipc=ipc,
+        model=str(model),
+        summary_rows=summary,
+        accuracy_rows=table + sets,
+        baseline_rows=baselines,
+        every_eval=every,
+        config_lines=_config_lines(facts),
+        notes=notes,
+    )
+
+
+# ----- render: pictures and Markdown --------------------------------------------------------------
 def _cell(text: Any) -> str:
     """Text safe inside a Markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -225,13 +371,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence
 
 def _link(target: Path, md_dir: Path) -> str:
     return quote(Path(os.path.relpath(target, md_dir)).as_posix())
-
-
-def _seconds(total: float) -> str:
-    if total < 120:
-        return f"{total:.1f} s"
-    hours, rest = divmod(total, 3600)
-    return (f"{int(hours)} h " if hours else "") + f"{int(rest // 60)} min" + f" ({total:.0f} s)"
 
 
 # ----- curves ------------------------------------------------------------------------------------------
@@ -278,7 +417,7 @@ def _plot_curves(metrics: Metrics, path: Path, *, config: Any, title: str) -> No
         lo, hi = min(fy), max(fy)
         if lo > 0 and hi / lo > 30:
             ax_loss.set_yscale("log")
-        threshold = getattr(config, "threshold", None)
+        threshold = config.matching.threshold if config is not None else None
         if threshold is not None and threshold <= 1.5 * hi:
             ax_loss.axhline(threshold, color=grey, ls="--", lw=1, label=f"threshold {threshold:g}")
     over = [(i, v) for i, v, s, bad in zip(its, loss, skipped, nonfinite) if s and not bad]
@@ -308,7 +447,7 @@ def _plot_curves(metrics: Metrics, path: Path, *, config: Any, title: str) -> No
     lr = [(i, v) for i, v in lr if v is not None]
     if lr:
         ax_lr.plot(*zip(*lr), color=green, lw=1.8, label="learned lr (α)")
-        lr0 = getattr(config, "lr_teacher", None)
+        lr0 = config.learning.lr_teacher if config is not None else None
         if lr0 is not None:
             ax_lr.axhline(lr0, color=grey, ls="--", lw=1, label=f"initial (lr_teacher {lr0:g})")
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4), useOffset=False)
@@ -319,14 +458,12 @@ def _plot_curves(metrics: Metrics, path: Path, *, config: Any, title: str) -> No
     starts = [(i, _num(r.get("start_epoch"))) for i, r in zip(its, rows)]
     starts = [(i, v) for i, v in starts if v is not None]
     if config is not None and its:
-        from .distill.config import start_epoch_upper
-
         span = range(its[0], its[-1] + 1, max(1, (its[-1] - its[0]) // 400))
         xs = list(span) + ([its[-1]] if span[-1] != its[-1] else [])
         uppers = [start_epoch_upper(config, i) - 1 for i in xs]
         ax_start.fill_between(
             xs,
-            config.min_start_epoch,
+            config.matching.min_start_epoch,
             uppers,
             step="post",
             color=orange,
@@ -389,20 +526,21 @@ def _save_figure(fig: Any, path: Path) -> None:
 
 
 # ----- image grid --------------------------------------------------------------------------------------
-def _render_grid(run_dir: Path, path: Path, *, preprocessing: str | None, ipc: int | None) -> str:
+def _render_grid(run: RunDir, path: Path, *, preprocessing: str | None, ipc: int | None) -> str:
     """Draw ``images_best.pt`` as a grid at ``path``; returns how it was drawn (for the report)."""
     import torch
 
     from .viz import save_image_grid
 
-    images = torch.load(run_dir / IMAGES_FILE, map_location="cpu", weights_only=True)
+    images_file, labels_file, _ = run.set_files("best")
+    images = torch.load(images_file, map_location="cpu", weights_only=True)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise ValueError(f"expected a tensor of shape (M, 1 or 3, H, W), got {shape}")
     x = images.detach().float()
     m = len(x)
-    if ipc is None and (run_dir / LABELS_FILE).is_file():
-        labels = torch.load(run_dir / LABELS_FILE, map_location="cpu", weights_only=True)
+    if ipc is None and labels_file.is_file():
+        labels = torch.load(labels_file, map_location="cpu", weights_only=True)
         if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] and m % labels.shape[1] == 0:
             ipc = m // labels.shape[1]
     if ipc is None or ipc < 1 or m % ipc:
@@ -426,247 +564,78 @@ def _render_grid(run_dir: Path, path: Path, *, preprocessing: str | None, ipc: i
 
 
 # ----- the report --------------------------------------------------------------------------------------
-def _resolve_out(run_dir: Path, out: str | os.PathLike[str] | None) -> Path:
+def _resolve_out(run: RunDir, out: str | os.PathLike[str] | None) -> Path:
     if out is None:
-        return run_dir / "report.md"
+        return run.file(RunDir.REPORT)
     out = Path(out)
     if out.is_dir() or not out.suffix:
-        return out / "report.md"
+        return out / RunDir.REPORT
     if out.suffix.lower() != ".md":
         raise ValueError(f"out {out}: expected a Markdown file path (*.md) or a directory")
     return out
 
 
-def _eval_file_rows(run_dir: Path, notes: list[str]) -> tuple[list[list[str]], list[list[str]]]:
-    """Rows of the evaluations table and of the baselines table, from every ``eval_*.json``."""
-    sets: list[list[str]] = []
-    baselines: list[list[str]] = []
-    for path in sorted(run_dir.glob("eval_*.json")):
-        data = _read_json(path, notes)
-        if data is None:
-            continue
-        results = data.get("results") if isinstance(data, dict) else None
-        if not isinstance(results, list):
-            notes.append(f"`{path.name}` has no `results` list (the layout `datm-fast eval` writes); left out")
-            continue
-        baseline = data.get("baseline")
-        config = data.get("config") if isinstance(data.get("config"), dict) else {}
-        for r in results:
-            if not isinstance(r, dict) or _num(r.get("mean")) is None:
-                notes.append(f"`{path.name}`: a result without a numeric `mean`; left out")
-                continue
-            mean, std = float(r["mean"]), _num(r.get("std"))
-            runs = r.get("runs", len(r.get("accuracies") or []) or "?")
-            losses = r.get("train_losses") or []
-            diverged = any(_num(v) is None for v in losses)
-            details = []
-            if _num(r.get("lr")) is not None:
-                details.append(f"lr {r['lr']:.4g}")
-            epochs = r.get("epochs", config.get("epochs"))
-            if epochs is not None:
-                details.append(f"{epochs} epochs")
-            if _num(r.get("seconds")) is not None:
-                details.append(_seconds(float(r["seconds"])))
-            if diverged:
-                details.append("**diverged in some run**")
-            acc = _pct(mean, std)
-            name = str(r.get("name") or "")
-            if baseline is not None or name.startswith(("random-real", "whole")):
-                what = name or f"{baseline}" + (f" ipc {data['ipc']}" if data.get("ipc") else "")
-                baselines.append([f"`{path.name}`", what, str(r.get("model", "?")), str(runs), acc, ", ".join(details)])
-            else:
-                tag = path.stem[len("eval_") :]
-                sets.append(
-                    [f"`{path.name}`", f"set `{tag}`", str(r.get("model", "?")), str(runs), acc, ", ".join(details)]
-                )
-    return sets, baselines
-
-
-def write_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None) -> Path:
-    """Write a Markdown report of the run directory ``run_dir`` and its pictures; returns the report's path.
-
-    Args:
-        run_dir: a distillation run directory (``metrics.jsonl`` required; ``config.yaml``, ``run.json``,
-            ``images_best.png`` / ``images_best.pt`` and ``eval_*.json`` used when present).
-        out: the report's path (``*.md``), or a directory (existing, or a path without a suffix; created)
-            for ``report.md``; default ``run_dir/report.md``.
-            Pictures go beside it: ``curves.png`` (``<stem>_curves.png`` for another name than
-            ``report.md``) and the image grid.
-
-    Raises ``ValueError`` naming what is missing: no such directory, or no ``metrics.jsonl`` in it.
-    Everything else that is missing or unreadable is said in the report's notes.
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise ValueError(f"run directory {run_dir} does not exist; expected {_EXPECTED}")
-    if not run_dir.is_dir():
-        raise ValueError(f"{run_dir} is not a directory; expected {_EXPECTED}")
-    metrics_path = run_dir / METRICS_FILE
-    if not metrics_path.is_file():
-        raise ValueError(
-            f"{run_dir}: no {METRICS_FILE} (one JSON row per distillation iteration); expected {_EXPECTED}. "
-            "Was the run started, and is this its --out directory?"
-        )
-    md_path = _resolve_out(run_dir, out)
-    md_dir = md_path.parent
+def render(facts: RunFacts, summary: Summary, md_path: Path) -> str:
+    """Draw the pictures beside ``md_path`` and return the report's Markdown (written by the caller)."""
+    run, md_dir = facts.run, md_path.parent
     prefix = "" if md_path.stem == "report" else f"{md_path.stem}_"
-    notes: list[str] = []
-
-    metrics = read_metrics(metrics_path)
-    if metrics.bad_lines:
-        if metrics.partial_last and len(metrics.bad_lines) == 1:
-            notes.append(
-                f"`{METRICS_FILE}`: the last line (line {metrics.bad_lines[0]}) is half-written (the run was "
-                "killed or is still writing); skipped"
-            )
-        else:
-            shown = ", ".join(map(str, metrics.bad_lines[:10])) + (" …" if len(metrics.bad_lines) > 10 else "")
-            notes.append(f"`{METRICS_FILE}`: {len(metrics.bad_lines)} unreadable line(s) skipped (line {shown})")
-    raw_config, config = _read_config(run_dir, notes)
-    info: dict[str, Any] = {}
-    if (run_dir / RUN_INFO_FILE).is_file():
-        data = _read_json(run_dir / RUN_INFO_FILE, notes)
-        info = data if isinstance(data, dict) else {}
-
-    rows = metrics.rows
-    dataset = info.get("dataset") or raw_config.get("dataset") or "?"
-    preprocessing = info.get("preprocessing")
-    if preprocessing is None and isinstance(raw_config.get("zca"), bool):
-        preprocessing = "zca" if raw_config["zca"] else "normalize"
-    ipc = raw_config.get("ipc", info.get("ipc"))
-    ipc = ipc if isinstance(ipc, int) and not isinstance(ipc, bool) else None
-    model = raw_config.get("model") or info.get("model") or "?"
-    planned = raw_config.get("iterations")
-
-    # ---- numbers
-    n_rows = len(rows)
-    n_skipped = sum(bool(r.get("skipped")) for r in rows)
-    n_nonfinite = sum(bool(r.get("nonfinite")) or ("loss" in r and _num(r.get("loss")) is None) for r in rows)
-    seconds = [v for v in (_num(r.get("seconds")) for r in rows) if v is not None]
-    peaks = [v for v in (_num(r.get("peak_memory_gb")) for r in rows) if v is not None]
-    evals = metrics.eval_rows
-    best = max(evals, key=lambda r: float(r["eval_mean"])) if evals else None
-
-    # ---- pictures
+    notes = list(summary.notes)
     curves_path = md_dir / f"{prefix}curves.png"
-    known = [str(dataset) if dataset != "?" else "", f"ipc {ipc}" if ipc is not None else "", str(model).strip("?")]
-    title = " · ".join([p for p in known if p] + [run_dir.resolve().name])
-    if rows:
-        _plot_curves(metrics, curves_path, config=config, title=title)
+    if facts.metrics.rows:
+        _plot_curves(facts.metrics, curves_path, config=facts.config, title=summary.title)
     grid_path: Path | None = None
     grid_how = ""
-    if (run_dir / GRID_FILE).is_file():
-        if md_dir.resolve() == run_dir.resolve():
-            grid_path = run_dir / GRID_FILE
+    run_grid, images_file = run.grid("best"), run.set_files("best")[0]
+    if run_grid.is_file():
+        if md_dir.resolve() == run.path.resolve():
+            grid_path = run_grid
         else:
-            grid_path = md_dir / f"{prefix}{GRID_FILE}"
+            grid_path = md_dir / f"{prefix}{run_grid.name}"
             with atomic_write(grid_path) as f:
-                f.write((run_dir / GRID_FILE).read_bytes())
+                f.write(run_grid.read_bytes())
         grid_how = "the run's own grid (whitening undone): one row per class, at most 10 images per row"
-    elif (run_dir / IMAGES_FILE).is_file():
+    elif images_file.is_file():
         try:
             grid_path = md_dir / f"{prefix}grid.png"
-            grid_how = _render_grid(run_dir, grid_path, preprocessing=preprocessing, ipc=ipc)
+            grid_how = _render_grid(run, grid_path, preprocessing=summary.preprocessing, ipc=summary.ipc)
         except Exception as exc:  # a damaged or foreign file must not cost the rest of the report
             grid_path = None
-            notes.append(f"`{IMAGES_FILE}` could not be drawn ({exc})")
+            notes.append(f"`{images_file.name}` could not be drawn ({exc})")
     else:
-        notes.append(f"no `{GRID_FILE}` or `{IMAGES_FILE}` yet: no image grid")
+        notes.append(f"no `{run_grid.name}` or `{images_file.name}` yet: no image grid")
 
-    # ---- Markdown
     from . import __version__
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    md: list[str] = [f"# Distillation run `{run_dir.resolve().name}`", ""]
-    md += [f"`{run_dir.resolve()}` · report written {now} by datm_fast {__version__}", ""]
-
-    md += ["## Summary", ""]
-    space = f" ({preprocessing})" if preprocessing else ""
-    summary: list[list[str]] = [["dataset", f"{dataset}{space}"], ["images per class", str(ipc or "?")]]
-    summary.append(["model", str(model)])
-    if rows:
-        first, last = rows[0]["iteration"], rows[-1]["iteration"]
-        of = (
-            f" of {planned + 1} planned (`iterations: {planned}`, runs 0 … {planned})"
-            if isinstance(planned, int)
-            else ""
-        )
-        summary.append(["iterations run", f"{n_rows}{of}; logged iterations {first} … {last}"])
-        gaps = last - first + 1 - n_rows
-        if gaps:
-            notes.append(f"`{METRICS_FILE}`: {gaps} iteration(s) between {first} and {last} are not logged")
-    else:
-        summary.append(["iterations run", "0 (metrics.jsonl has no rows yet)"])
-    over = n_skipped - sum(bool(r.get("skipped")) and bool(r.get("nonfinite")) for r in rows)
-    threshold = raw_config.get("threshold")
-    why = f"loss > threshold {threshold:g}" if isinstance(threshold, (int, float)) else "loss > threshold"
-    summary.append(["updates skipped", f"{n_skipped} ({over} with {why}, {n_skipped - over} non-finite)"])
-    summary.append(["non-finite losses or gradients", str(n_nonfinite)])
-    if seconds:
-        mean_s = sum(seconds) / len(seconds)
-        summary.append(
-            ["time", f"{_seconds(sum(seconds))} total, {mean_s:.3g} s per iteration (evaluations not counted)"]
-        )
-    if peaks:
-        summary.append(["peak memory", f"{max(peaks):.2f} GB (CUDA: max allocated; CPU: process peak RSS)"])
-    if best is not None:
-        acc = _pct(float(best["eval_mean"]), _num(best.get("eval_std")))
-        summary.append(["best accuracy", f"**{acc} %** at iteration {best['iteration']} ({len(evals)} evaluations)"])
-    if rows:
-        last_row = rows[-1]
-        loss_v, lr_v = _float(last_row.get("loss")), _num(last_row.get("lr"))
-        parts = [f"loss {loss_v:.4g}"] + ([f"lr {lr_v:.4g}"] if lr_v is not None else [])
-        parts += [f"start epoch {last_row['start_epoch']}"] if "start_epoch" in last_row else []
-        summary.append([f"last iteration ({last_row['iteration']})", ", ".join(parts)])
-    md += _table(["", ""], summary) + [""]
+    name = run.path.resolve().name
+    md: list[str] = [f"# Distillation run `{name}`", ""]
+    md += [f"`{run.path.resolve()}` · report written {now} by datm_fast {__version__}", ""]
+    md += ["## Summary", ""] + _table(["", ""], summary.summary_rows) + [""]
 
     md += ["## Accuracy", ""]
-    table: list[list[str]] = []
-    if best is not None:
-        acc = _pct(float(best["eval_mean"]), _num(best.get("eval_std")))
-        last_e = evals[-1]
-        detail = f"best of {len(evals)} evaluations during distillation, at iteration {best['iteration']}"
-        if last_e is not best:
-            detail += (
-                f"; last ({last_e['iteration']}): {_pct(float(last_e['eval_mean']), _num(last_e.get('eval_std')))}"
-            )
-        table.append(
-            [
-                f"`{METRICS_FILE}`",
-                "set during distillation",
-                str(model),
-                f"{raw_config['num_eval']} (num_eval)" if "num_eval" in raw_config else "?",
-                acc,
-                detail,
-            ]
-        )
-    sets, baselines = _eval_file_rows(run_dir, notes)
-    table += sets
     header = ["source", "what", "model", "runs", "accuracy (%)", "details"]
-    if table:
-        md += _table(header, table, right=(3, 4)) + [""]
+    if summary.accuracy_rows:
+        md += _table(header, summary.accuracy_rows, right=(3, 4)) + [""]
         md += [
             "Accuracy: test accuracy of networks trained from scratch on the set, mean ± std over runs (networks).",
             "",
         ]
+    elif summary.baseline_rows:
+        md += ["No evaluation of the distilled set yet (`datm-fast eval RUN_DIR`); baselines below.", ""]
     else:
         md += [
             "No evaluation yet: no eval rows in `metrics.jsonl` and no `eval_*.json` (`datm-fast eval RUN_DIR`).",
             "",
         ]
-    if baselines:
-        md += ["### Baselines", ""] + _table(header, baselines, right=(3, 4)) + [""]
-    if len(evals) > 1:
+    if summary.baseline_rows:
+        md += ["### Baselines", ""] + _table(header, summary.baseline_rows, right=(3, 4)) + [""]
+    if summary.every_eval:
         md += ["<details><summary>Every evaluation during distillation</summary>", ""]
-        md += _table(
-            ["iteration", "accuracy (%)"],
-            [[str(r["iteration"]), _pct(float(r["eval_mean"]), _num(r.get("eval_std")))] for r in evals],
-            right=(0, 1),
-        )
+        md += _table(["iteration", "accuracy (%)"], summary.every_eval, right=(0, 1))
         md += ["", "</details>", ""]
 
     md += ["## Curves", ""]
-    if rows:
+    if facts.metrics.rows:
         md += [f"![loss, learned lr, start epoch and accuracy per iteration]({_link(curves_path, md_dir)})", ""]
         md += [
             "Loss: the matching loss of each iteration (faint) and its moving average; orange crosses: updates "
@@ -683,35 +652,41 @@ def write_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
         md += [f"![distilled images]({_link(grid_path, md_dir)})", "", grid_how[0].upper() + grid_how[1:] + ".", ""]
     else:
         md += ["No image grid.", ""]
-    latest = run_dir / "images_latest.png"
+    latest = run.grid("latest")
     if latest.is_file():
-        md += [f"The set at the last checkpoint: [images_latest.png]({_link(latest, md_dir)}).", ""]
+        md += [f"The set at the last checkpoint: [{latest.name}]({_link(latest, md_dir)}).", ""]
 
     md += ["## Config", ""]
-    if raw_config:
-        from .distill.config import DistillConfig
-
-        defaults = {name: getattr(DistillConfig(), name) for name in DistillConfig.__dataclass_fields__}
-        keys = [k for k in _CONFIG_KEYS if k in raw_config]
-        keys += [k for k in raw_config if k not in keys and raw_config[k] != defaults.get(k, object())]
-        pairs = [(f"`{k}`", _fmt(raw_config[k])) for k in keys]
-        per = 3
-        cells = [sum((list(p) for p in pairs[i : i + per]), []) for i in range(0, len(pairs), per)]
-        cells = [c + [""] * (2 * per - len(c)) for c in cells]
-        md += _table(["key", "value"] * per, cells) + [""]
-        md += [
-            f"Key values of [`{CONFIG_FILE}`]({_link(run_dir / CONFIG_FILE, md_dir)}), and every other key that "
-            "differs from its default.",
-            "",
-        ]
+    if summary.config_lines:
+        md += [f"- {line}" for line in summary.config_lines] + [""]
+        md += [f"From [`{RunDir.CONFIG}`]({_link(run.file(RunDir.CONFIG), md_dir)}).", ""]
     else:
         md += ["Not available.", ""]
 
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(md)
 
+
+def write_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None) -> Path:
+    """Write a Markdown report of the run directory ``run_dir`` and its pictures; returns the report's path.
+
+    Args:
+        run_dir: a distillation run directory (``metrics.jsonl`` required; ``config.yaml``, ``run.json``,
+            ``images_best.png`` / ``images_best.pt`` and ``eval_*.json`` used when present).
+        out: the report's path (``*.md``), or a directory (existing, or a path without a suffix; created)
+            for ``report.md``; default ``run_dir/report.md``.
+            Pictures go beside it: ``curves.png`` (``<stem>_curves.png`` for another name than
+            ``report.md``) and the image grid.
+
+    Raises ``ValueError`` naming what is missing: no such directory, or no ``metrics.jsonl`` in it.
+    Everything else that is missing or unreadable is said in the report's notes.
+    """
+    facts = gather(run_dir)
+    md_path = _resolve_out(facts.run, out)
+    text = render(facts, summarize(facts), md_path)
     with atomic_write(md_path, "w") as f:
-        f.write("\n".join(md))
+        f.write(text)
     return md_path
 
 

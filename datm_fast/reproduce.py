@@ -33,7 +33,8 @@ distillation from its checkpoint, and reuses an IPC (or the whole-dataset baseli
 written by the same preset, seed and buffer. Output directory::
 
     OUT/buffer/            the expert buffer (datm-fast buffer's format)
-    OUT/ipc<N>/            a distillation run directory: set, grid, metrics.jsonl, eval_best.json, report.md
+    OUT/ipc<N>/            a distillation run directory (datm_fast.distill.RunDir): set, grid, metrics.jsonl,
+                           eval_best_vs_random_real.json, report.md
     OUT/results.md         the table, with device, date and versions
     OUT/results.json       the same, every run's accuracy (fractions in [0, 1])
 
@@ -61,6 +62,17 @@ from types import MappingProxyType
 from typing import Any
 
 import torch
+
+from .backends import BACKENDS
+from .data import DatasetError, DataSpec, resolve_source
+from .distill import load_config
+from .distill.config import KEYS, PLACEMENT_KEYS
+from .evaluate import EvalConfig, environment, whole_dataset_baseline
+from .experts import ExpertBufferError, ExpertConfig
+from .experts.config import OPTIMIZERS
+from .models import convnet_names
+from .pipeline import Experts, prepare_experts, run_ipc
+from .utils import atomic_write, resolve_device, retain_freed_memory
 
 __all__ = [
     "JPEG_NOTE",
@@ -99,8 +111,6 @@ JPEG_NOTE = (
 # Keys the runner sets itself; a preset may not override them.
 _RUNNER_KEYS = frozenset({"dataset", "ipc", "device", "seed", "out_dir"})
 _DEFAULT_DATA_ROOT = "../shared/data"
-# Config keys that say where and how fast a run goes, not what it computes: a run resumes across them.
-_PLACEMENT_KEYS = frozenset({"device", "out_dir", "memory_budget_gb", "backend", "micro_batch", "checkpoint_every"})
 
 
 def _positive_int(name: str, value: object, minimum: int = 1) -> int:
@@ -158,8 +168,6 @@ class ReproducePreset:
         set_(self, "experts", _positive_int("experts", self.experts))
         set_(self, "expert_epochs", _positive_int("expert_epochs", self.expert_epochs))
         set_(self, "expert_batch", _positive_int("expert_batch", self.expert_batch))
-        from .backends import BACKENDS
-        from .experts.config import OPTIMIZERS
 
         if self.expert_backend not in ("auto",) + BACKENDS:
             raise ValueError(
@@ -173,7 +181,6 @@ class ReproducePreset:
         lr = self.expert_lr
         if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
             raise ValueError(f"ReproducePreset.expert_lr must be a positive number, got {lr!r}")
-        from .models import convnet_names
 
         if self.model not in convnet_names():
             raise ValueError(f"ReproducePreset.model must be a ConvNet name ({', '.join(convnet_names())})")
@@ -190,9 +197,8 @@ class ReproducePreset:
                 set_(self, name, _positive_int(name, getattr(self, name)))
         overrides = self.distill_overrides
         pairs = tuple(overrides.items()) if isinstance(overrides, Mapping) else tuple(tuple(p) for p in overrides)
-        from .distill.config import DistillConfig
 
-        known = {f.name for f in dataclasses.fields(DistillConfig)}
+        known = set(KEYS)
         for pair in pairs:
             if len(pair) != 2 or not isinstance(pair[0], str):
                 raise ValueError(f"ReproducePreset.distill_overrides: expected (key, value) pairs, got {pair!r}")
@@ -296,7 +302,6 @@ def get_preset(name: str | ReproducePreset) -> ReproducePreset:
 def distill_config_for(preset: ReproducePreset, ipc: int, *, device: str = "auto", seed: int = 0) -> Any:
     """The :class:`~datm_fast.distill.DistillConfig` of ``ipc`` under ``preset``: the shipped paper config
     ``cifar10-ipc<ipc>`` with the preset's model, iterations and overrides."""
-    from .distill import load_config
 
     if ipc not in PAPER_DATM:
         raise ValueError(f"IPC {ipc} has no shipped CIFAR-10 config; expected one of {', '.join(map(str, PAPER_IPCS))}")
@@ -475,7 +480,6 @@ def format_table(result: ReproduceResult) -> str:
 
 # ----- the runner ------------------------------------------------------------------------------------------------
 def _check_cifar10(data_root: Path) -> None:
-    from .data import DatasetError, resolve_source
 
     try:
         resolve_source("cifar10", data_root)
@@ -499,31 +503,41 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    from .utils import atomic_write
 
     with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
         f.write("\n")
 
 
-def _resume_distill(run_dir: Path, config: Any) -> bool:
-    """True when ``run_dir`` holds a checkpoint of this config (device aside); an error for another config."""
-    from .distill import load_config
+def _gpu_budget(configs: dict[int, Any], dev: torch.device, preset: ReproducePreset) -> dict[int, Any]:
+    """On CUDA, exact unrolling runs the full-graph engine where it fits in half the device's memory: the
+    same gradient, less recomputation (unless the preset sets its own budget)."""
+    if dev.type != "cuda" or "memory_budget_gb" in preset.overrides:
+        return configs
+    budget = round(0.5 * torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
+    return {ipc: c.replace(memory_budget_gb=budget) for ipc, c in configs.items()}
 
-    if not (run_dir / "checkpoint.pt").is_file():
-        return False
-    try:
-        old = load_config(run_dir / "config.yaml").to_dict()
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{run_dir}: a checkpoint without a readable config.yaml ({exc}); use another --out") from exc
-    new = config.to_dict()
-    differ = sorted(k for k in new if k not in _PLACEMENT_KEYS and old.get(k) != new[k])
-    if differ:
-        raise ValueError(
-            f"{run_dir} holds a distillation run of another configuration (differs in {', '.join(differ)}); "
-            "use another --out, or delete that folder to start it again"
-        )
-    return True
+
+def _whole_dataset(
+    preset: ReproducePreset, experts: Experts, seed: int, dev: torch.device, progress: bool
+) -> WholeDatasetRow:
+
+    started = time.perf_counter()
+    res = whole_dataset_baseline(
+        experts.data,
+        EvalConfig(model=preset.model, runs=preset.eval_runs, epochs=preset.whole_dataset_epochs),
+        generator=torch.Generator().manual_seed(seed),
+        device=dev,
+        progress=progress,
+    )
+    return WholeDatasetRow(
+        mean=res.mean,
+        std=res.std,
+        accuracies=tuple(res.accuracies),
+        epochs=preset.whole_dataset_epochs,
+        paper=PAPER_WHOLE_DATASET / 100,
+        seconds=time.perf_counter() - started,
+    )
 
 
 def run_reproduce(
@@ -554,21 +568,6 @@ def run_reproduce(
     Returns a :class:`ReproduceResult` (``.rows``: one :class:`ReproduceRow` per IPC, accuracies as
     fractions) and writes ``results.md`` and ``results.json`` in ``out`` (atomically).
     """
-    from .data import load_dataset, preprocess
-    from .distill import distill
-    from .evaluate import (
-        EvalConfig,
-        RunInfo,
-        environment,
-        evaluate_against_random_real,
-        evaluator_on_test_set,
-        whole_dataset_baseline,
-        write_run_info,
-    )
-    from .experts import ExpertBuffer, ExpertBufferError, ExpertConfig, build_buffer, subset_dataset
-    from .models import convnet_spec_from_name
-    from .report import write_report
-    from .utils import atomic_write, resolve_device
 
     started = time.perf_counter()
     base = get_preset(preset)
@@ -586,11 +585,9 @@ def run_reproduce(
 
     # Check everything that can be checked before any work: the data's presence and every IPC's config.
     _check_cifar10(root)
-    configs = {ipc: distill_config_for(preset, ipc, device=str(dev), seed=seed) for ipc in preset.ipcs}
-    if dev.type == "cuda" and "memory_budget_gb" not in preset.overrides:
-        # exact unrolling runs the full-graph engine where it fits: the same gradient, less recomputation
-        budget = 0.5 * torch.cuda.get_device_properties(dev).total_memory / 2**30
-        configs = {ipc: c.replace(memory_budget_gb=round(budget, 1)) for ipc, c in configs.items()}
+    configs = _gpu_budget(
+        {ipc: distill_config_for(preset, ipc, device=str(dev), seed=seed) for ipc in preset.ipcs}, dev, preset
+    )
     # One buffer for all IPCs: as long as the longest window of the preset's IPCs and the requested ones needs.
     epochs = expert_epochs_needed(base, preset.ipcs)
     notes: list[str] = []
@@ -605,25 +602,11 @@ def run_reproduce(
             "not comparable with the paper's figures"
         )
 
-    # Data: decode once (cached), subsample (tiny), ZCA as DATM (eps 0.1, fitted on the train split used).
-    t0 = time.perf_counter()
-    raw = load_dataset("cifar10", root, cache_dir=cache_dir)
-    raw = subset_dataset(raw, preset.max_train, preset.max_test, seed=seed)
-    data, transform = preprocess(raw, "zca", cache_dir=cache_dir)
-    data_info = {
-        "root": str(root.resolve()),
-        "train_images": int(data.train_labels.shape[0]),
-        "test_images": int(data.test_labels.shape[0]),
-        "preprocessing": "zca",
-        "fingerprint": data.fingerprint,
-    }
-    say(
-        f"CIFAR-10 from {root}: {data_info['train_images']} train / {data_info['test_images']} test images, "
-        f"ZCA, in {time.perf_counter() - t0:.1f} s; device {dev}"
+    # Data (decoded once, cached; subset drawn, then ZCA as DATM: eps 0.1, fitted on the train split used)
+    # and experts (build_buffer resumes: finished experts are skipped; a buffer of another setup is refused).
+    data_spec = DataSpec(
+        "cifar10", root=root, preprocessing="zca", max_train=preset.max_train, max_test=preset.max_test, seed=seed
     )
-
-    # Experts: build_buffer resumes (finished experts are skipped) and refuses a buffer of another setup.
-    spec = convnet_spec_from_name(preset.model, data.channels, data.num_classes, data.image_size)
     expert_config = ExpertConfig(
         epochs=epochs,
         optimizer=preset.expert_optimizer,  # type: ignore[arg-type]
@@ -632,24 +615,34 @@ def run_reproduce(
         seed=seed,
     )
     buffer_dir = out_dir / "buffer"
+    t0 = time.perf_counter()
     try:
-        summary = build_buffer(
+        experts = prepare_experts(
+            data_spec,
             buffer_dir,
-            data,
-            spec,
+            preset.model,
             expert_config,
             preset.experts,
-            model_name=preset.model,
             device=dev,
-            backend=preset.expert_backend,
+            backend=preset.expert_backend,  # type: ignore[arg-type]
+            cache_dir=cache_dir,
             progress=progress,
         )
     except ExpertBufferError as exc:
         raise ValueError(
             f"{exc}. The buffer in {buffer_dir} was made by another preset or seed: use another --out"
         ) from exc
-    say(summary.line())
-    buffer = ExpertBuffer.open(buffer_dir, spec=spec, dataset=data)
+    data, summary, buffer = experts.data, experts.summary, experts.buffer
+    data_info = {
+        "root": str(root.resolve()),
+        "train_images": int(data.train_labels.shape[0]),
+        "test_images": int(data.test_labels.shape[0]),
+        "preprocessing": "zca",
+        "fingerprint": data.fingerprint,
+        "spec": data_spec.to_json(),
+    }
+    say(f"CIFAR-10 from {root}: {data_info['train_images']} train / {data_info['test_images']} test images, ZCA; "
+        f"device {dev}; {summary.line()} ({time.perf_counter() - t0:.1f} s)")  # fmt: skip
     buffer_info = {
         "dir": str(buffer_dir),
         "experts": buffer.num_experts,
@@ -663,11 +656,10 @@ def run_reproduce(
 
     # A finished IPC is reused only when it was made by the same preset, seed, buffer and data.
     def cache_key(**extra: Any) -> Any:
+        kept = {k: v for k, v in preset.to_dict().items() if k not in ("description", "ipcs", "expert_backend")}
         return _json_roundtrip(
             {
-                "preset": {
-                    k: v for k, v in preset.to_dict().items() if k not in ("description", "ipcs", "expert_backend")
-                },
+                "preset": kept,
                 "seed": seed,
                 "buffer_epochs": buffer.num_epochs,
                 "buffer_experts": buffer.num_experts,
@@ -681,73 +673,44 @@ def run_reproduce(
         config = configs[ipc]
         run_dir = out_dir / f"ipc{ipc}"
         row_file = run_dir / "reproduce_row.json"
-        key = cache_key(ipc=ipc, config={k: v for k, v in config.to_dict().items() if k not in _PLACEMENT_KEYS})
+        key = cache_key(ipc=ipc, config={k: v for k, v in config.to_dict().items() if k not in PLACEMENT_KEYS})
         cached = _read_json(row_file)
         if cached is not None and cached.get("key") == key:
             rows.append(ReproduceRow.from_dict(cached["row"]))
             say(f"IPC {ipc}: reusing the finished results in {row_file}")
             continue
-        t_ipc = time.perf_counter()
+        say(
+            f"IPC {ipc}: distilling {config.iterations} iterations ({config.syn_steps} steps of "
+            f"{config.batch_syn or 'all'} images) -> {run_dir}, then {preset.eval_runs} evaluation runs"
+        )
         eval_config = EvalConfig(
             model=preset.model, runs=preset.eval_runs, epochs=preset.eval_epochs, batch_size=config.batch_train
         )
-        evaluator = None
-        if preset.select_best:
-            select_config = EvalConfig(
-                model=preset.model, runs=config.num_eval, epochs=config.epoch_eval_train, batch_size=config.batch_train
-            )
-            evaluator = evaluator_on_test_set(data, select_config, device=dev)
-
-        resume = _resume_distill(run_dir, config)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(run_dir, RunInfo(dataset="cifar10", preprocessing="zca", model=preset.model, ipc=ipc))
-        say(
-            f"IPC {ipc}: {'resuming' if resume else 'distilling'} {config.iterations} iterations "
-            f"({config.syn_steps} steps of {config.batch_syn or 'all'} images) -> {run_dir}"
-        )
-        t_distill = time.perf_counter()
-        result = distill(
-            data,
-            buffer,
+        done = run_ipc(
+            experts,
             config,
-            transform=transform,
-            evaluator=evaluator,
-            run_dir=run_dir,
-            resume=resume,
-            progress=progress,
-        )
-        distill_seconds = time.perf_counter() - t_distill
-        say(f"IPC {ipc}: evaluating the set of iteration {result.iteration} ({preset.eval_runs} runs)")
-        distilled, baseline = evaluate_against_random_real(
-            result.images,
-            result.labels,
-            result.lr,
-            data,
-            ipc,
             eval_config,
-            seed=seed,
-            results_path=run_dir / "eval_best.json",
+            run_dir,
+            select_best=preset.select_best,
             name=f"distilled cifar10 ipc {ipc}",
             meta={"dataset": "cifar10", "preset": preset.name},
-            device=dev,
             progress=progress,
         )
-        write_report(run_dir)
         row = ReproduceRow(
             ipc=ipc,
-            distilled_mean=distilled.mean,
-            distilled_std=distilled.std,
-            distilled_accuracies=tuple(distilled.accuracies),
-            random_mean=baseline.mean,
-            random_std=baseline.std,
-            random_accuracies=tuple(baseline.accuracies),
+            distilled_mean=done.distilled.mean,
+            distilled_std=done.distilled.std,
+            distilled_accuracies=tuple(done.distilled.accuracies),
+            random_mean=done.baseline.mean,
+            random_std=done.baseline.std,
+            random_accuracies=tuple(done.baseline.accuracies),
             paper_datm=PAPER_DATM[ipc] / 100,
             paper_random=PAPER_RANDOM[ipc] / 100,
-            seconds=time.perf_counter() - t_ipc,
-            distill_seconds=distill_seconds,
+            seconds=done.seconds,
+            distill_seconds=done.distill_seconds,
             iterations=config.iterations,
-            best_iteration=result.iteration,
-            learned_lr=result.lr,
+            best_iteration=done.result.iteration,
+            learned_lr=done.result.lr,
             run_dir=str(run_dir),
         )
         _write_json(row_file, {"key": key, "row": row.to_dict()})
@@ -768,22 +731,7 @@ def run_reproduce(
             say(f"whole dataset: reusing the finished results in {whole_file}")
         else:
             say(f"whole dataset: {preset.eval_runs} runs of {preset.whole_dataset_epochs} epochs")
-            t_whole = time.perf_counter()
-            res = whole_dataset_baseline(
-                data,
-                EvalConfig(model=preset.model, runs=preset.eval_runs, epochs=preset.whole_dataset_epochs),
-                generator=torch.Generator().manual_seed(seed),
-                device=dev,
-                progress=progress,
-            )
-            whole = WholeDatasetRow(
-                mean=res.mean,
-                std=res.std,
-                accuracies=tuple(res.accuracies),
-                epochs=preset.whole_dataset_epochs,
-                paper=PAPER_WHOLE_DATASET / 100,
-                seconds=time.perf_counter() - t_whole,
-            )
+            whole = _whole_dataset(preset, experts, seed, dev, progress)
             _write_json(whole_file, {"key": key, "row": whole.to_dict()})
 
     result_md, result_json = out_dir / "results.md", out_dir / "results.json"
@@ -840,11 +788,8 @@ def _parse_ipcs(text: str | None) -> tuple[int, ...] | None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .utils import resolve_device
 
     if resolve_device(args.device).type == "cpu":
-        from .utils import retain_freed_memory
-
         retain_freed_memory()  # as datm-fast eval and distill do on CPU: no page faults on reused activations
     result = run_reproduce(
         args.preset,

@@ -14,11 +14,14 @@ import yaml
 
 from datm_fast.distill.config import (
     IGNORED_KEYS,
+    KEYS,
     OWN_KEYS,
+    PLACEMENT_KEYS,
     UPSTREAM_KEYS,
     ConfigError,
     ConfigWarning,
     DistillConfig,
+    LearningSection,
     effective_batch_syn,
     eval_iterations,
     eval_models,
@@ -132,10 +135,10 @@ def test_every_upstream_config_loads(path):
         if key in raw:
             assert getattr(cfg, key) == raw[key]
 
-    # ignored keys and upstream's GPU list warn, naming the key
-    for key in IGNORED_KEYS:
+    # ignored keys (set to a value that would change upstream's run) and upstream's GPU list warn, naming the key
+    for key, ignored in IGNORED_KEYS.items():
         if key in raw:
-            assert f"key {key!r} is ignored" in messages
+            assert (f"key {key!r} is ignored" in messages) == ignored.warns(raw[key]), key
     assert cfg.device == "auto"
     if "device" in raw:
         assert f"upstream's device: {raw['device']}" in messages
@@ -154,8 +157,10 @@ def test_upstream_quirks():
     assert cfg.eval_mode == "sdfsdf" and eval_models(cfg) == ("ResNet18",)
     assert any("eval_mode 'sdfsdf'" in str(w.message) for w in caught)
 
-    cfg, _ = _load_quiet(UPSTREAM_DIR / "b1d4823" / "CIFAR-10" / "ConvBN" / "IPC1000.yaml")
-    assert cfg.initialize_label_with_another_model and cfg.initialize_label_model == "ConvNet"
+    cfg, caught = _load_quiet(UPSTREAM_DIR / "b1d4823" / "CIFAR-10" / "ConvBN" / "IPC1000.yaml")
+    # Labelling with another model's experts is not supported: the config says so, and runs on.
+    assert any("'Initialize_Label_With_Another_Model' is ignored" in str(w.message) for w in caught)
+    assert not hasattr(cfg, "initialize_label_model")
     assert eval_models(cfg) == ("ConvNetBN", "ConvNet")  # eval_mode C
 
     cfg, _ = _load_quiet(UPSTREAM_DIR / "b1d4823" / "TinyImageNet" / "ConvIN" / "IPC10.yaml")
@@ -261,8 +266,16 @@ def test_unknown_key_suggests_the_closest(key, suggestion):
 
 
 def test_upstream_spellings_and_overrides():
-    cfg = load_config({"Iteration": 7, "Momentum_y": 0.5, "Sequential_Generation": False, "parall_eva": True})
-    assert (cfg.iterations, cfg.momentum_y, cfg.sequential_generation, cfg.parallel_eval) == (7, 0.5, False, True)
+    cfg = load_config({"Iteration": 7, "Momentum_y": 0.5, "Sequential_Generation": False, "parall_eva": False})
+    assert (cfg.iterations, cfg.momentum_y, cfg.sequential_generation) == (7, 0.5, False)
+    with pytest.warns(ConfigWarning, match="'parall_eva' is ignored: datm_fast trains the evaluation runs"):
+        load_config({"parall_eva": True})
+    with pytest.warns(ConfigWarning, match="'load_all' is ignored"):
+        load_config({"load_all": True})
+    # earlier datm_fast versions wrote the snake_case spellings into config.yaml: still read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config({"parallel_eval": False, "initialize_label_with_another_model": False})
     cfg = load_config("cifar10-ipc10", lr_img=50, Iteration=100, seed=3)
     assert (cfg.lr_img, cfg.iterations, cfg.seed) == (50.0, 100, 3)
     assert load_config({"Iteration": 5}, iterations=9).iterations == 9  # overrides win over the file
@@ -343,7 +356,6 @@ def test_type_errors_name_key_and_value(key, value, expected):
         ({"dsa_strategy": "color_crop_jitter"}, "dsa_strategy: unknown DSA group(s) 'jitter'"),
         ({"dsa_strategy": "crop_crop"}, "dsa_strategy: a DSA group is repeated"),
         ({"model": "ConvNet_D4"}, "model: unknown network 'ConvNet_D4'; did you mean 'ConvNetD4'?"),
-        ({"Initialize_Label_With_Another_Model": True}, "initialize_label_model (Initialize_Label_Model): unknown"),
         ({"backend": "gpu"}, "backend must be one of"),
         ({"eval_it": 0}, "eval_it must be >= 1"),
         ({"num_eval": 0}, "num_eval must be >= 1"),
@@ -373,9 +385,43 @@ def test_all_problems_are_reported_at_once():
 
 
 def test_direct_construction_is_checked_too():
-    assert DistillConfig(lr_lr="1e-5").lr_lr == 1e-5
+    assert DistillConfig.from_keys(lr_lr="1e-5").lr_lr == 1e-5
     with pytest.raises(ConfigError, match="ipc must be >= 1"):
-        DistillConfig(ipc=0)
+        DistillConfig.from_keys(ipc=0)
+    with pytest.raises(ConfigError, match="ipc must be >= 1"):
+        LearningSection(ipc=0)  # a section checks itself
+    assert DistillConfig(learning=LearningSection(ipc=3)).ipc == 3
+
+
+def test_sections_own_every_key_once():
+    """Each key is in one section, reads from the config and from its section, and round-trips flat."""
+    cfg = load_config("cifar10-ipc10", micro_batch=25, seed=4)
+    assert cfg.learning.ipc == cfg.ipc == 10 and cfg.engine.micro_batch == cfg.micro_batch == 25
+    assert cfg.run.seed == 4 and cfg.matching.syn_steps == 80
+    assert list(cfg.to_dict()) == list(KEYS)  # section by section, in declaration order
+    assert len(KEYS) == len({k for k in KEYS})
+    assert set(PLACEMENT_KEYS) >= {"device", "backend", "micro_batch", "memory_budget_gb", "checkpoint_every"}
+    assert not {"ipc", "syn_steps", "lr_img", "unroll", "seed", "iterations"} & set(PLACEMENT_KEYS)
+    assert cfg.differences(cfg.replace(device="cpu", micro_batch=10)) == []
+    assert cfg.differences(cfg.replace(device="cpu"), placement=True) == ["device"]
+    assert cfg.differences(cfg.replace(lr_img=50, unroll="tesla")) == ["lr_img", "unroll"]
+    with pytest.raises(AttributeError, match="no attribute or config key 'ipcs'"):
+        cfg.ipcs  # noqa: B018
+
+
+def test_config_flags_are_derived_from_the_declarations():
+    """Every key declared with flag=True gets a --flag (choices from its type), read back as an override."""
+    import argparse
+
+    from datm_fast.distill.config import add_config_flags, flag_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    args = parser.parse_args(["--unroll", "tesla", "--micro-batch", "25", "--seed", "3"])
+    assert flag_overrides(args) == {"unroll": "tesla", "micro_batch": "25", "seed": "3"}
+    assert load_config("cifar10-ipc1", **flag_overrides(args)).engine.micro_batch == 25
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--unroll", "fast"])  # a Literal key's choices come from its type
 
 
 # ---- checks against the buffer and the data ------------------------------------------------------------------------
@@ -510,15 +556,15 @@ def test_own_keys_agree_with_the_engines():
     from datm_fast.distill.unroll import UNROLLS
 
     for mode in UNROLLS:
-        assert DistillConfig(unroll=mode).unroll == mode
+        assert DistillConfig.from_keys(unroll=mode).unroll == mode
     for backend in ("auto",) + BACKENDS:
-        assert DistillConfig(backend=backend).backend == backend
-    assert DistillConfig(memory_budget_gb=1.5).memory_budget_bytes == 3 * 2**29
+        assert DistillConfig.from_keys(backend=backend).backend == backend
+    assert DistillConfig.from_keys(memory_budget_gb=1.5).memory_budget_bytes == 3 * 2**29
     assert DistillConfig().memory_budget_bytes is None
 
 
 def test_effective_batch_syn():
-    assert effective_batch_syn(DistillConfig(ipc=10), 10) == 100
+    assert effective_batch_syn(DistillConfig.from_keys(ipc=10), 10) == 100
     assert effective_batch_syn(load_config("cifar100-ipc1"), 100) == 100  # batch_syn 1000 >= the set
     assert effective_batch_syn(load_config("cifar10-ipc50"), 10) == 500
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from test_distill_loop import BASE, _fake_evaluator, _random_trajectories, _toy_data
 
+from datm_fast.distill import RunDir
 from datm_fast.distill.config import load_config
-from datm_fast.distill.loggers import WANDB_ID_NAME, make_loggers, parse_logger_names
+from datm_fast.distill.loggers import make_loggers, parse_logger_names
 from datm_fast.distill.loop import distill
 
 # Iterations 0..4; evaluations before iterations 0 and 3; checkpoints after iterations 1 and 3.
@@ -79,7 +80,7 @@ def test_wandb_gets_every_row_and_a_resume_continues_the_same_run(tmp_path, monk
         distill(data, experts, config, callback=_crash_at(2), **kwargs)
     first = fake.runs[0]
     assert first.finished == 1  # closed on the way out of the exception
-    run_id = (run_dir / WANDB_ID_NAME).read_text().strip()
+    run_id = (run_dir / RunDir.WANDB_ID).read_text().strip()
     assert fake.inits[0] == dict(
         project=config.project, name="run", config=config.to_dict(), dir=str(run_dir), id=run_id, resume="allow"
     )
@@ -211,7 +212,7 @@ def test_cli_log_to(tmp_path, monkeypatch, capsys):
 
 def test_importing_datm_fast_imports_no_tracker():
     code = (
-        "import sys, datm_fast, datm_fast.distill, datm_fast.distill.loggers, datm_fast.distill.cli, datm_fast.cli\n"
+        "import sys, datm_fast, datm_fast.distill, datm_fast.distill.loggers, datm_fast.cli\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorboard', 'wandb') "
         "or m.startswith('torch.utils.tensorboard')]\n"
         "assert not bad, bad\n"

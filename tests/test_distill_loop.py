@@ -125,6 +125,24 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
     assert load_config(tmp_path / "a" / "config.yaml") == config
 
 
+def test_resume_refuses_another_config_but_takes_other_placement(tmp_path):
+    """A run resumes only under the config it was started with, but for where and how fast it runs
+    (device, backend, micro-batch, ...) and for a longer ``iterations``: the same function goes on."""
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    config = load_config(BASE)
+    distill(data, experts, config, run_dir=tmp_path, progress=False, max_iterations=2)
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"another config: syn_steps \(3 -> 5\), lr_img \(10.0 -> 50.0\)") as info:
+        distill(data, experts, config.replace(lr_img=50, syn_steps=5), run_dir=tmp_path, progress=False, resume=True)
+    assert "unroll" not in str(info.value)
+    assert (tmp_path / "config.yaml").read_text() == before  # nothing written by the refused call
+    longer = config.replace(micro_batch=2, backend="torch", iterations=9, checkpoint_every=3)
+    result = distill(data, experts, longer, run_dir=tmp_path, progress=False, resume=True)
+    assert result.history[-1]["iteration"] == 9
+    assert load_config(tmp_path / "config.yaml") == longer  # config.yaml says what ran last
+
+
 def test_same_seed_same_run_and_different_seed_differs():
     data = _toy_data()
     experts = _random_trajectories(data, "ConvNetW32")

@@ -19,12 +19,12 @@ from conftest import cuda_only
 
 import datm_fast.evaluate._engine as engine
 from datm_fast.augment import DSAConfig, apply_dsa, sample_dsa_params
-from datm_fast.data import ImageDataset, load_dataset
+from datm_fast.data import DataSpec, ImageDataset, load_dataset
+from datm_fast.distill import RunDir, RunRecord
 from datm_fast.evaluate import (
     EVAL_POOLS,
     EvalConfig,
     EvalResult,
-    RunInfo,
     evaluate_against_random_real,
     evaluate_models,
     evaluate_run_dir,
@@ -33,12 +33,10 @@ from datm_fast.evaluate import (
     load_synset,
     random_real_baseline,
     random_real_subset,
-    read_run_info,
     resolve_models,
     train_loss,
     whole_dataset_baseline,
     write_results,
-    write_run_info,
 )
 from datm_fast.evaluate.cli import add_parser
 from datm_fast.models import get_network
@@ -418,8 +416,9 @@ def test_run_dir_with_run_json_loads_its_dataset(tmp_path, shared_data, session_
     torch.save(torch.rand(4, 1, 28, 28), run / "images_best.pt")
     torch.save(torch.tensor([0, 1, 0, 1]), run / "labels_best.pt")
     torch.save(torch.tensor(0.01), run / "lr_best.pt")
-    write_run_info(run, RunInfo(dataset="breastmnist", preprocessing="normalize", model="LeNet", ipc=2), iteration=7)
-    assert read_run_info(run) == RunInfo("breastmnist", "normalize", "LeNet", ipc=2)  # extra keys ignored
+    spec = DataSpec("breastmnist", root=shared_data, preprocessing="normalize")
+    RunDir(run).write_record(RunRecord(spec, "LeNet", ipc=2))
+    assert RunDir(run).read_record() == RunRecord(spec, "LeNet", 2)
     cfg = EvalConfig(model="LeNet", runs=1, epochs=1)
     (res,) = evaluate_run_dir(
         run, cfg, data_root=shared_data, cache_dir=session_cache_dir, generator=_gen(), device="cpu", progress=False
@@ -439,7 +438,7 @@ def test_run_dir_errors(tmp_path):
     _save_upstream(empty, tag="5000")
     with pytest.raises(FileNotFoundError, match="tags present: 5000"):
         evaluate_run_dir(empty, generator=_gen(), dataset=_toy_dataset())
-    with pytest.raises(ValueError, match="no run.json naming the dataset"):
+    with pytest.raises(ValueError, match="no run.json; pass dataset="):
         evaluate_run_dir(empty, tag="5000", generator=_gen())
     with pytest.raises(ValueError, match=r"images are \(3, 16, 16\) but 'toy' images are \(3, 8, 8\)"):
         evaluate_run_dir(empty, tag="5000", generator=_gen(), dataset=_toy_dataset(size=8))
@@ -533,7 +532,7 @@ def test_cli_evaluates_files_and_baselines(tmp_path, shared_data, session_cache_
     out = capsys.readouterr().out
     assert "LeNet" in out and "±" in out
     data = json.loads((tmp_path / "eval_images_7.json").read_text())
-    assert data["results"][0]["lr"] == pytest.approx(0.02) and data["preprocessing"] == "none"
+    assert data["results"][0]["lr"] == pytest.approx(0.02) and data["data"]["preprocessing"] == "none"
 
     assert _cli(["eval", "--baseline", "random-real", "--ipc", "2", *common, *quick, "--out", str(run / "b.json")]) == 0
     data = json.loads((run / "b.json").read_text())

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import datm_fast
 from datm_fast.augment import apply_dsa, sample_dsa_params
-from datm_fast.data import ImageDataset
+from datm_fast.data import DataSpec, ImageDataset, subset_dataset
 from datm_fast.experts import (
     BufferWriter,
     ExpertBuffer,
@@ -32,9 +32,7 @@ from datm_fast.experts import (
     gsam_direction,
     gsam_perturbation,
     gsam_step,
-    prepare_dataset,
     sgd_step,
-    subset_dataset,
 )
 from datm_fast.experts._batched import batched_logits, stack_inputs
 from datm_fast.experts.buffer import spec_to_dict
@@ -430,6 +428,33 @@ def test_build_buffer_resumes_and_extends(tmp_path):
         build_buffer(tmp_path, subset_dataset(ds, 50, seed=1), TINY, cfg, 3, backend="torch")
 
 
+def test_select_limits_files_and_experts(tmp_path):
+    ds = toy_dataset()
+    cfg = ExpertConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.05)
+    build_buffer(tmp_path, ds, TINY, cfg, 3, backend="torch")
+    buf = ExpertBuffer.open(tmp_path)
+    two = buf.select(max_files=2)
+    assert (two.num_experts, two.expert_ids, buf.num_experts) == (2, (0, 1), 3)
+    assert torch.equal(two.params(1, 1), buf.params(1, 1))
+    assert buf.select(max_experts=1).num_experts == 3  # a native file holds one expert
+    with pytest.raises(ValueError, match="max_files must be an int >= 1"):
+        buf.select(max_files=0)
+    # Upstream files hold several experts each: the first max_experts of each of the first max_files.
+    shapes = [shape for _, shape in TINY.param_shapes()]
+
+    def upstream_expert(i):  # a list of epochs, each a list of parameter tensors in parameters() order
+        return [[t.view(shape) for t, shape in zip(buf.params(i, e).split([s.numel() for s in shapes]), shapes)]
+                for e in range(2)]  # fmt: skip
+
+    (tmp_path / "up").mkdir()
+    for n in range(2):
+        torch.save([upstream_expert(i) for i in range(3)], tmp_path / "up" / f"replay_buffer_{n}.pt")
+    up = ExpertBuffer.open(tmp_path / "up", spec=TINY)
+    assert up.num_experts == 6
+    picked = up.select(max_files=1, max_experts=2)
+    assert picked.num_experts == 2 and torch.equal(picked.params(1, 1), buf.params(1, 1))
+
+
 def test_killed_run_resumes_and_completes(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 160)
@@ -458,7 +483,8 @@ def test_killed_run_resumes_and_completes(tmp_path):
     buf = ExpertBuffer.open(out, verify="eager")
     assert buf.num_experts == 4 and not list(out.glob(".*.tmp"))
     # The resumed buffer is the buffer an uninterrupted run makes (same seeds, same trajectories).
-    ds = prepare_dataset(tmp_path / "toy.npz", preprocessing="normalize", cache_dir=tmp_path / "cache")
+    ds, _ = DataSpec(tmp_path / "toy.npz", preprocessing="normalize").load(cache_dir=tmp_path / "cache")
+    assert buf.data_spec == DataSpec(tmp_path / "toy.npz", preprocessing="normalize")  # what the manifest records
     cfg = ExpertConfig.from_dict(buf.manifest["config"])
     ref = ExpertTrainer(ds, buf.spec, cfg, backend="torch").train([0])[0]
     torch.testing.assert_close(buf.trajectory(0), ref.trajectory, rtol=0, atol=0)
@@ -479,6 +505,10 @@ def test_cli_trains_with_progress_then_info(tmp_path, capsys):
     assert "2 experts x 2 epochs" in captured.out and "final test acc" in captured.out
     buf = ExpertBuffer.open(out)
     assert buf.manifest["dataset"]["train_images"] == 64 and "subset" in buf.manifest["dataset"]["fingerprint"]
+    # The manifest records the data spec: it rebuilds the very data the experts saw (same fingerprint).
+    assert buf.data_spec.max_train == 64 and buf.data_spec.preprocessing == "normalize"
+    rebuilt, _ = buf.data_spec.load(cache_dir=tmp_path / "cache")
+    buf.check(dataset=rebuilt)
     assert cli_main(["buffer", "info", str(out), "--verify"]) == 0
     assert "all checksums match" in capsys.readouterr().out
     assert cli_main([a if a != "sgd" else "gsam" for a in argv]) == 2  # same buffer, other optimizer
@@ -487,9 +517,8 @@ def test_cli_trains_with_progress_then_info(tmp_path, capsys):
 
 # ----- real data ----------------------------------------------------------------------------------------------------
 def test_cifar10_subset_accuracy_rises(shared_data, session_cache_dir):
-    ds = prepare_dataset(
-        "cifar10", shared_data, preprocessing="normalize", cache_dir=session_cache_dir, max_train=2000, max_test=1000
-    )
+    data = DataSpec("cifar10", shared_data, preprocessing="normalize", max_train=2000, max_test=1000)
+    ds, _ = data.load(cache_dir=session_cache_dir)
     assert (len(ds.train_labels), len(ds.test_labels)) == (2000, 1000)
     spec = ConvNetSpec(channels=3, num_classes=10, image_size=32, width=32)
     cfg = ExpertConfig(epochs=4, optimizer="sgd", lr=0.01, momentum=0.9)  # momentum: learn in 32 steps

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
+from datm_fast.data import DataSpec
+from datm_fast.distill import RunDir, RunRecord
 from datm_fast.distill.config import load_config
 from datm_fast.evaluate.config import EvalResult
 from datm_fast.evaluate.results import write_results
-from datm_fast.evaluate.synset import RunInfo, write_run_info
 from datm_fast.report import add_parser, read_metrics, run_report, write_report
 
 ITERATIONS = 60  # rows 0..60
@@ -58,7 +59,7 @@ def _make_run(run: Path, *, half_line: bool = True, images: bool = True) -> Path
         {"dataset": "cifar10", "ipc": 2, "iterations": ITERATIONS, "eval_it": EVAL_EVERY, "expansion_end_epoch": 100}
     )
     config.to_yaml(run / "config.yaml")
-    write_run_info(run, RunInfo(dataset="cifar10", preprocessing="zca", ipc=2))
+    RunDir(run).write_record(RunRecord(DataSpec("cifar10", preprocessing="zca"), ipc=2))
     with open(run / "metrics.jsonl", "w") as f:
         for row in _rows():
             f.write(json.dumps(row) + "\n")  # NaN is written as NaN, as the loop does
@@ -171,9 +172,30 @@ def test_report_links_and_pictures(report):
 def test_report_config_and_notes(report):
     _, text = report
     config = text.split("## Config")[1]
-    assert "| `dataset` | cifar10 |" in config and "| `ipc` | 2 |" in config
-    assert "`expansion_end_epoch` | 100" in config
+    # one line per section, every key: derived from the config's sections, no list kept by hand
+    assert "- **data**: `dataset` cifar10" in config and "- **learning**: `ipc` 2" in config
+    assert "`expansion_end_epoch` 100" in config.split("- **matching**:")[1].split("\n")[0]
+    assert "- **engine**: `unroll` exact" in config
     assert "half-written" in text.split("## Notes")[1]
+
+
+def test_a_set_evaluated_beside_its_baseline_is_shown_as_an_evaluation(tmp_path):
+    """The comparison file as the pipelines write it (the set and random real subsets in one file, tagged
+    as a baseline comparison): the set's result belongs in the accuracy table, the baseline in its own."""
+    run = _make_run(tmp_path / "run", half_line=False)
+    (run / "metrics.jsonl").write_text('{"iteration": 0, "loss": 0.5}\n')  # no in-loop evaluation
+    (run / "eval_random-real_cifar10_ipc2.json").unlink()
+    ours = EvalResult("ConvNet", (0.61, 0.63), (0.2, 0.2), 1.0, 300, 0.01, 20, name="distilled ipc 2")
+    theirs = EvalResult("ConvNet", (0.31, 0.33), (0.5, 0.5), 1.0, 300, 0.01, 20, name="random-real cifar10 ipc 2")
+    (run / "eval_best.json").unlink()
+    write_results(
+        run / "eval_best_vs_random_real.json", [ours, theirs], meta={"ipc": 2, "baseline": "random-real", "tag": "best"}
+    )
+    accuracy = write_report(run).read_text().split("## Accuracy")[1].split("## Curves")[0]
+    assert "No evaluation" not in accuracy
+    table, baselines = accuracy.split("### Baselines")
+    assert "set `best` | ConvNet | 2 | 62.00 ± 1.00" in table
+    assert "random-real cifar10 ipc 2 | ConvNet | 2 | 32.00 ± 1.00" in baselines
 
 
 def test_read_metrics_tolerates_bad_lines(tmp_path):

@@ -20,7 +20,6 @@ from datm_fast.reproduce import (
     ReproduceResult,
     ReproduceRow,
     WholeDatasetRow,
-    _resume_distill,
     distill_config_for,
     expert_epochs_needed,
     format_table,
@@ -99,16 +98,6 @@ def test_preset_overrides_are_frozen_pairs_and_checked_by_load_config():
     assert get_preset("tiny") is PRESETS["tiny"] and get_preset(p) is p
     with pytest.raises(ValueError, match="tiny, short, paper"):
         get_preset("huge")
-
-
-def test_resume_refuses_another_configs_run_directory(tmp_path):
-    cfg = distill_config_for(PRESETS["short"], 10, device="cpu")
-    assert _resume_distill(tmp_path, cfg) is False  # nothing there: a fresh run
-    cfg.to_yaml(tmp_path / "config.yaml")
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert _resume_distill(tmp_path, cfg.replace(device="cuda", memory_budget_gb=60.0)) is True  # placement only
-    with pytest.raises(ValueError, match="differs in lr_img, syn_steps"):
-        _resume_distill(tmp_path, cfg.replace(syn_steps=20, lr_img=10))
 
 
 # ----- the table (no data) ----------------------------------------------------------------------------------------
@@ -230,7 +219,8 @@ def test_tiny_preset_end_to_end_and_resume(cifar10_root, session_cache_dir, tmp_
         assert r.paper_datm == PAPER_DATM[r.ipc] / 100 and r.paper_random == PAPER_RANDOM[r.ipc] / 100
         assert len(r.distilled_accuracies) == 1 and r.iterations == 5 and r.seconds > 0
         run_dir = out / f"ipc{r.ipc}"
-        for name in ("images_best.pt", "labels_best.pt", "lr_best.pt", "metrics.jsonl", "eval_best.json", "report.md"):
+        files = ("images_best.pt", "labels_best.pt", "lr_best.pt", "metrics.jsonl", "report.md", "run.json")
+        for name in (*files, "eval_best_vs_random_real.json"):
             assert (run_dir / name).is_file(), name
     assert result.whole is not None and 0.0 <= result.whole.mean <= 1.0 and result.whole.paper == 0.848
     assert result.buffer["experts"] == 2 and result.buffer["epochs"] == 2 and result.buffer["trained"] == [0, 1]
@@ -246,6 +236,16 @@ def test_tiny_preset_end_to_end_and_resume(cifar10_root, session_cache_dir, tmp_
     for key in ("device", "date", "torch", "datm_fast"):
         assert saved["environment"][key]
     assert saved["environment"]["device"].startswith("cpu")
+
+    # The run records its data (a 500-image subset, ZCA fitted on it): `datm-fast eval RUN_DIR` rebuilds that
+    # very space and, with the same protocol and seed, gets the accuracy the run recorded, to the bit.
+    record = json.loads((out / "ipc1" / "run.json").read_text())
+    assert record["data"]["max_train"] == 500 and record["data"]["preprocessing"] == "zca"
+    batch = str(distill_config_for(PRESETS["tiny"], 1).batch_train)
+    eval_args = ["eval", str(out / "ipc1"), "--runs", "1", "--epochs", "20", "--batch-size", batch, "--seed", "0"]
+    assert main([*eval_args, "--device", "cpu", "--cache-dir", str(session_cache_dir), "--quiet"]) == 0
+    again_eval = json.loads((out / "ipc1" / "eval_best.json").read_text())
+    assert again_eval["results"][0]["accuracies"] == list(result.rows[0].distilled_accuracies)
 
     # Again, through the command line: the buffer and the finished IPCs are reused, the table is printed.
     monkeypatch.setattr("datm_fast.utils.retain_freed_memory", lambda: False)  # keep this process's malloc

@@ -202,8 +202,8 @@ def test_memory_budget_switches_to_full_with_the_same_gradient():
     plan = make_unroll_plan(8, 5, 4, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(3))
     need = estimate_full_unroll_bytes(spec, 4, 5, torch.float64)
     assert need > 0
-    big = _grads(spec, problem, plan, unroll="exact", memory_budget=need)
-    small = _grads(spec, problem, plan, unroll="exact", memory_budget=need - 1)
+    big = _grads(spec, problem, plan, unroll="exact", memory_budget_gb=need / 2**30)
+    small = _grads(spec, problem, plan, unroll="exact", memory_budget_gb=(need - 1) / 2**30)
     for a, b in zip(big[1:], small[1:]):
         assert _rel(a, b) < 1e-10
 

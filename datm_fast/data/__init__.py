@@ -9,8 +9,9 @@ Typical use::
     zca_ds, zca = preprocess(ds, "zca")                       # DATM's ZCA (eps 0.1), fitted on train
     pixels = zca.inverse(zca_ds.train_images[:10])            # back to [0, 1] space for viewing
 
-Modules: ``loading`` (names, paths, ``load_dataset``), ``_layouts`` (the on-disk formats), ``cache``
-(fingerprints, cached arrays), ``longtail``, ``transforms``. Importing this package reads no files
+Modules: ``spec`` (:class:`DataSpec`, the record of which data a run used, and ``.load()`` to rebuild
+them), ``loading`` (names, paths, ``load_dataset``), ``_layouts`` (the on-disk formats), ``cache``
+(fingerprints, cached arrays), ``longtail``, ``subset``, ``transforms``. Importing this package reads no files
 and starts nothing.
 """
 
@@ -18,10 +19,13 @@ from ._dataset import DatasetError, ImageDataset
 from ._layouts import LAYOUTS, MEDMNIST_CLASSES
 from .loading import DATASET_NAMES, load_dataset, resolve_source
 from .longtail import long_tail_counts, long_tailed
+from .spec import DataSpec
+from .subset import subset_dataset
 from .transforms import TRANSFORMS, Identity, Normalize, Transform, ZCAWhitening, preprocess
 
 __all__ = [
     "DATASET_NAMES",
+    "DataSpec",
     "LAYOUTS",
     "MEDMNIST_CLASSES",
     "TRANSFORMS",
@@ -36,4 +40,5 @@ __all__ = [
     "long_tailed",
     "preprocess",
     "resolve_source",
+    "subset_dataset",
 ]

@@ -1,12 +1,16 @@
 """Distillation: the DATM loop around an unrolled inner loop with exact, full and TESLA gradients.
 
-``config`` (upstream's YAML keys, validation, the start-epoch schedule), ``unroll`` (the engines) and
-``loop`` (:func:`distill`: initialisation, matching, checkpoints, outputs).
+``settings`` (how a config key is declared) and ``config`` (upstream's YAML keys in sections,
+validation, the start-epoch schedule), ``unroll`` (the engines and their :class:`EngineOptions`),
+``explicit_step`` (the exact engine's step written out), ``rundir`` (:class:`RunDir`, the run
+directory's one owner), ``loggers`` (TensorBoard, wandb) and ``loop`` (:func:`distill`).
 """
 
 from .config import ConfigError, DistillConfig, list_configs, load_config
 from .loop import DistilledSet, EvalOutcome, Trajectories, distill, initialize_synthetic_set
+from .rundir import RunDir, RunRecord
 from .unroll import (
+    EngineOptions,
     StepPlan,
     Unroll,
     UnrollPlan,
@@ -19,7 +23,10 @@ __all__ = [
     "ConfigError",
     "DistillConfig",
     "DistilledSet",
+    "EngineOptions",
     "EvalOutcome",
+    "RunDir",
+    "RunRecord",
     "StepPlan",
     "Trajectories",
     "Unroll",

@@ -1,12 +1,27 @@
-"""DATM's configuration: every key of upstream's YAML configs, checked before any work starts.
+"""DATM's configuration: every key of upstream's YAML configs, in sections, checked before any work starts.
 
 Upstream (NUS-HPC-AI-Lab/DATM) merges a YAML file into the yacs defaults of ``utils/cfg.py`` and turns
 every key into an argparse flag. It checks nothing. A start epoch beyond the expert buffer, a class
 with fewer images than ``ipc`` or ``pix_init: noise`` all fail minutes or hours into a run, and
-some mistakes (an unknown ``eval_mode``) fail silently. Here one frozen :class:`DistillConfig` holds
-all of DATM's keys plus datm_fast's own. :func:`load_config` reads upstream's files as they are and
-raises a :class:`ConfigError` before any work starts. The error names the key, the value and what
-was expected, and for an unknown key it suggests the closest valid one.
+some mistakes (an unknown ``eval_mode``) fail silently. Here a frozen :class:`DistillConfig` holds all
+of DATM's keys plus datm_fast's own, in sections (frozen dataclasses, :mod:`datm_fast.distill.settings`):
+
+=============  =====================================================================================
+``data``       what is distilled: dataset, ZCA, where the data are (:class:`DataSection`)
+``matching``   the trajectories matched: the student, its unroll, the start-epoch window, DSA
+``learning``   what is learned and how fast: the set's size and initialisation, the learning rates
+``engine``     how the unroll's gradient is computed (:class:`~datm_fast.distill.unroll.EngineOptions`)
+``schedule``   iterations, evaluation points, checkpoints
+``evaluation`` how a candidate set is evaluated during distillation
+``run``        seed, device and files
+=============  =====================================================================================
+
+Files and overrides stay flat, as upstream writes them (``ipc: 10``, ``Iteration: 5000``); each key
+belongs to exactly one section, and ``config.ipc`` reads ``config.learning.ipc``. :func:`load_config`
+reads upstream's files as they are and raises a :class:`ConfigError` before any work starts. The error
+names the key, the value and what was expected, and for an unknown key it suggests the closest valid
+one. Everything a key needs (its section, upstream spelling, check, whether it is a placement key, its
+``datm-fast distill`` flag) is declared once, on its field.
 
 Example::
 
@@ -14,21 +29,21 @@ Example::
 
     cfg = load_config("cifar10-ipc10")                       # a shipped config, paper values
     cfg = load_config("DATM/configs/CIFAR-10/ConvIN/IPC10.yaml", lr_img=50, seed=1)  # upstream file
+    cfg.learning.lr_img, cfg.lr_img                          # 50.0 50.0
     validate_against(cfg, buffer_epochs=50, class_sizes=[5000] * 10)
     start = sample_start_epoch(cfg, iteration=0, generator=torch.Generator().manual_seed(cfg.seed))
 
 Keys. Fields are snake_case. Upstream's spellings are aliases: ``Iteration``, ``Sequential_Generation``,
-``Momentum_y``, ``skip_first_eva``, ``parall_eva``, ``Initialize_Label_With_Another_Model``,
-``Initialize_Label_Model`` and ``Label_Model_Timestamp``. Giving both spellings of a key is an error.
-Older upstream configs name the window ``Initial_Step`` (= ``current_max_start_epoch``) and
+``Momentum_y``, ``skip_first_eva`` and ``Label_Model_Timestamp``. Giving both spellings of a key is an
+error. Older upstream configs name the window ``Initial_Step`` (= ``current_max_start_epoch``) and
 ``learn_end_epoch`` (= ``expansion_end_epoch``; an intermediate ``DATM.py`` uses it in the same formula).
-These are read as the new names, with a :class:`ConfigWarning`. Keys that upstream defines but
-``distill/DATM.py`` never reads (:data:`IGNORED_KEYS`: ``ema_decay``, ``lr_init``, ``batch_real``,
-``texture``, ``canvas_size``, ``canvas_samples``, ``record_loss``, ``Initialize_Label_Model_Dir``) are
-accepted with a :class:`ConfigWarning` and dropped. Upstream's ``device: [0, 1]`` (a list of GPUs for
-``CUDA_VISIBLE_DEVICES``) is dropped with a warning too. datm_fast runs on the one device that the
-string key ``device`` names. A key that YAML gives twice keeps its last value, as upstream does,
-and gives a warning.
+These are read as the new names, with a :class:`ConfigWarning`. Keys that datm_fast does not act on
+(:data:`IGNORED_KEYS`: FTD's and MTT's leftovers that ``distill/DATM.py`` never reads, and a few it reads
+that mean nothing here, such as ``load_all`` and ``parall_eva``) are accepted and dropped, with a
+:class:`ConfigWarning` where the value given would have changed upstream's run. Upstream's
+``device: [0, 1]`` (a list of GPUs for ``CUDA_VISIBLE_DEVICES``) is dropped with a warning too.
+datm_fast runs on the one device that the string key ``device`` names. A key that YAML gives twice keeps
+its last value, as upstream does, and gives a warning.
 
 Numbers. PyYAML follows YAML 1.1, where ``1e-5`` is a *string*: a float needs a dot, as in ``1.0e-5``.
 Upstream's yacs ``literal_eval``s such strings. Here a string that is a plain decimal or scientific
@@ -46,33 +61,55 @@ config (:func:`list_configs`). The start-epoch schedule (:func:`start_epoch_uppe
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import numbers
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 import yaml
 
-from ..backends import Backend
+from ..data import DataSpec
+from .settings import (
+    ConfigError,
+    ConfigWarning,
+    Section,
+    above,
+    at_least,
+    did_you_mean,
+    label,
+    section_keys,
+    setting,
+    within,
+)
+from .unroll import EngineOptions
 
 __all__ = [
     "ConfigError",
     "ConfigWarning",
+    "DataSection",
     "DistillConfig",
+    "EvaluationSection",
     "IGNORED_KEYS",
+    "IgnoredKey",
+    "KEYS",
+    "LearningSection",
+    "MatchingSection",
     "OWN_KEYS",
+    "PLACEMENT_KEYS",
+    "RunSection",
+    "ScheduleSection",
     "UPSTREAM_KEYS",
+    "add_config_flags",
     "effective_batch_syn",
     "eval_iterations",
     "eval_models",
+    "flag_overrides",
     "list_configs",
     "load_config",
     "sample_start_epoch",
@@ -81,206 +118,6 @@ __all__ = [
 ]
 
 PixInit = Literal["real", "noise", "samples_predicted_correctly"]
-UnrollMode = Literal["exact", "full", "tesla"]  # datm_fast.distill.unroll.UNROLLS
-
-
-class ConfigError(ValueError):
-    """A config that cannot run. ``problems`` lists every problem found, one line each."""
-
-    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        where = f" in {source}" if source else ""
-        if len(self.problems) == 1:
-            msg = f"invalid DATM config{where}: {self.problems[0]}"
-        else:
-            msg = f"invalid DATM config{where}:\n" + "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(msg)
-
-
-class ConfigWarning(UserWarning):
-    """A key that is accepted but has no effect (or a new meaning) in datm_fast."""
-
-
-@dataclass(frozen=True, slots=True)
-class DistillConfig:
-    """Every setting of one DATM distillation run. Frozen: derive variants with :meth:`replace`.
-
-    Build it with :func:`load_config`, which also takes upstream's key spellings and checks the
-    keys. Direct construction (``DistillConfig(ipc=10)``) coerces and validates the values the same
-    way. Defaults are upstream's ``utils/cfg.py``. ``it`` below is the iteration counter, which runs
-    ``0 .. iterations`` inclusive.
-    """
-
-    # ---- what is distilled ------------------------------------------------------------------------------------
-    dataset: str = "CIFAR10"  # dataset name or path for datm_fast.data.load_dataset (case-insensitive: CIFAR10, Tiny)
-    subset: str = "imagenette"  # ImageNet class subset; only read when dataset is "ImageNet" (upstream)
-    res: int = 32  # image side, px; upstream only uses it in the ImageNet-subset buffer path <dataset>/<subset>/<res>
-    ipc: int = 1  # synthetic images per class; the set has num_classes * ipc images
-    model: str = "ConvNet"  # network distilled with: datm_fast.models.network_names() (ConvNetD4 for 64 px)
-    zca: bool = True  # ZCA-whiten the real data (eps 0.1, fit on train); the experts must have been trained so too
-
-    # ---- trajectory matching ----------------------------------------------------------------------------------
-    syn_steps: int = 80  # student SGD steps on the synthetic set per iteration (N)
-    expert_epochs: int = 2  # target = expert checkpoint at start_epoch + expert_epochs (M), in epochs
-    min_start_epoch: int = 0  # start epochs are drawn uniformly from [min_start_epoch, upper), upper excluded
-    current_max_start_epoch: int = 20  # upper at it = 0 (only with sequential_generation), in epochs
-    max_start_epoch: int = 25  # final upper, and its cap: the largest start epoch ever drawn is max_start_epoch - 1
-    sequential_generation: bool = True  # upstream Sequential_Generation: upper grows linearly from current to max
-    expansion_end_epoch: int = 3000  # iterations (not epochs, despite the name) for upper to reach max_start_epoch
-    batch_syn: int | None = None  # synthetic images per inner step; None = the whole set (num_classes * ipc)
-    threshold: float = 1.0  # images, lr and labels are updated only when the matching loss is <= threshold
-
-    # ---- what is learned, and how fast ------------------------------------------------------------------------
-    lr_img: float = 1000.0  # SGD lr of the synthetic images (momentum 0.5)
-    lr_teacher: float = 0.01  # initial value of the learned student lr (alpha), per inner SGD step
-    lr_lr: float = 1e-5  # SGD lr of the learned student lr (momentum 0.5)
-    lr_y: float = 2.0  # SGD lr of the soft labels (logits), momentum momentum_y
-    momentum_y: float = 0.9  # SGD momentum of the soft labels (upstream Momentum_y)
-    pix_init: PixInit = "samples_predicted_correctly"  # images experts classify right | real (random) | noise (N(0, 1))
-    label_model_timestamp: int = -1  # expert checkpoint (epoch index, -1 = last) that picks images / gives logits
-    initialize_label_with_another_model: bool = False  # label/select with initialize_label_model instead of model
-    initialize_label_model: str = ""  # network name used when initialize_label_with_another_model
-
-    # ---- augmentation -------------------------------------------------------------------------------------------
-    dsa: bool = True  # Differentiable Siamese Augmentation in the inner loop and at evaluation
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"  # '_'-joined DSA groups (datm_fast.augment), or none
-    no_aug: bool = False  # no DSA in the inner loop (evaluation still augments when dsa)
-
-    # ---- schedule and evaluation --------------------------------------------------------------------------------
-    iterations: int = 5000  # upstream Iteration: it runs 0..iterations inclusive, i.e. iterations + 1 updates
-    eval_it: int = 100  # evaluate every eval_it iterations (see eval_iterations)
-    skip_first_eval: bool = False  # upstream skip_first_eva: no evaluation at it = 0
-    num_eval: int = 5  # networks trained from scratch per evaluation
-    epoch_eval_train: int = 1000  # evaluation training length; upstream trains epoch_eval_train + 1 epochs
-    batch_train: int = 256  # evaluation batch size, images
-    eval_mode: str = "S"  # which networks evaluate the set: S (the model, minus BN), C, M, W, D, A, P, N, BN
-    parallel_eval: bool = False  # upstream parall_eva: evaluate with DataParallel on every GPU
-
-    # ---- files --------------------------------------------------------------------------------------------------
-    data_path: str = "../dataset/"  # root of the real datasets
-    buffer_path: str = "../buffer_storage/"  # root of the expert buffers (<buffer_path>/<dataset>/<model>/...)
-    load_all: bool = False  # hold every expert file in memory instead of one file at a time
-    max_files: int | None = None  # use only the first max_files expert files; None = all
-    max_experts: int | None = None  # use only the first max_experts experts of each file; None = all
-    force_save: bool = False  # save image grids even when ipc >= 50
-    project: str = "TEST"  # experiment / logger project name (upstream: the wandb project)
-
-    # ---- datm_fast's own keys (not in upstream) -----------------------------------------------------------------
-    seed: int = 0  # seeds every generator of the run (upstream seeds 0, then get_network reseeds from the clock)
-    unroll: UnrollMode = "exact"  # exact: checkpointed, full gradient; full: autograd graph; tesla: upstream's TESLA
-    backend: Backend = "auto"  # op backend (datm_fast.backend_info()): auto picks the fastest live one
-    device: str = "auto"  # torch device ("cuda", "cuda:1", "cpu"); auto = cuda when available, else cpu
-    memory_budget_gb: float | None = None  # GiB; exact runs the full-graph engine when its estimate fits; None = never
-    micro_batch: int | None = (
-        None  # most images per forward/backward chunk of an inner step; None = auto (<= 256 MiB graph)
-    )
-    checkpoint_every: int = 500  # iterations between resumable checkpoints in out_dir; 0 = none
-    out_dir: str | None = None  # run directory (config, checkpoints, images); None = the caller decides
-
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        mistyped: list[str] = []
-        hints = _type_hints()
-        for f in fields(self):
-            value = getattr(self, f.name)
-            try:
-                coerced = _coerce(f.name, hints[f.name], value)
-            except _BadValue as e:
-                problems.append(str(e))
-                mistyped.append(f.name)
-                coerced = f.default  # only so that the value checks below can run; the error is raised anyway
-            if coerced is not value:
-                object.__setattr__(self, f.name, coerced)
-        # report impossible values too, except those that involve a mistyped key (already reported)
-        problems += [m for m in _check_values(self) if not any(re.search(rf"\b{n}\b", m) for n in mistyped)]
-        if problems:
-            raise ConfigError(problems)
-
-    @property
-    def memory_budget_bytes(self) -> int | None:
-        """``memory_budget_gb`` in bytes (GiB = 2**30), as ``trajectory_matching_loss(memory_budget=...)`` takes it."""
-        return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 2**30)
-
-    def to_dict(self, *, upstream: bool = False) -> dict[str, Any]:
-        """Plain ``{key: value}`` in field order. :func:`load_config` reads it back to an equal config.
-
-        ``upstream=True`` gives upstream's key spellings (``Iteration``, ``Momentum_y``, ...) without
-        datm_fast's own keys (:data:`OWN_KEYS`). Floats stay floats: upstream's yacs would reject
-        ``lr_img: 100.0`` (its default is an int), so write ``lr_img`` as an int to feed upstream.
-        """
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if not upstream:
-            return out
-        return {_TO_UPSTREAM.get(k, k): v for k, v in out.items() if k not in OWN_KEYS}
-
-    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
-        """YAML text of :meth:`to_dict`. When ``path`` is given, also write it there atomically."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
-        if path is not None:
-            from ..utils import atomic_write
-
-            with atomic_write(path, "w") as f:
-                f.write(text)
-        return text
-
-    def replace(self, **changes: Any) -> DistillConfig:
-        """A copy with ``changes`` applied, checked like :func:`load_config` (upstream spellings work)."""
-        return dataclasses.replace(self, **_normalise(changes, "replace()"))
-
-
-# ---- key tables ----------------------------------------------------------------------------------------------------
-
-_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(DistillConfig))
-
-#: datm_fast's own keys, not present upstream.
-OWN_KEYS: tuple[str, ...] = (
-    "seed",
-    "unroll",
-    "backend",
-    "device",
-    "memory_budget_gb",
-    "micro_batch",
-    "checkpoint_every",
-    "out_dir",
-)
-
-# upstream spelling -> field name, for the keys whose spelling differs
-_ALIASES = MappingProxyType(
-    {
-        "Iteration": "iterations",
-        "Sequential_Generation": "sequential_generation",
-        "Momentum_y": "momentum_y",
-        "skip_first_eva": "skip_first_eval",
-        "parall_eva": "parallel_eval",
-        "Initialize_Label_With_Another_Model": "initialize_label_with_another_model",
-        "Initialize_Label_Model": "initialize_label_model",
-        "Label_Model_Timestamp": "label_model_timestamp",
-    }
-)
-_TO_UPSTREAM = MappingProxyType({v: k for k, v in _ALIASES.items()})
-
-# older upstream spellings (early configs/ and utils/cfg.py), read as today's keys with a warning
-_LEGACY = MappingProxyType({"Initial_Step": "current_max_start_epoch", "learn_end_epoch": "expansion_end_epoch"})
-
-#: Keys upstream's ``utils/cfg.py`` defines but ``distill/DATM.py`` never reads: key -> why.
-IGNORED_KEYS: Mapping[str, str] = MappingProxyType(
-    {
-        "ema_decay": "an EMA of the synthetic images is FTD's; DATM never reads it",
-        "lr_init": "an MTT leftover; DATM starts the learned lr at lr_teacher",
-        "batch_real": "it only sizes per-class ImageNet loaders that DATM never uses",
-        "texture": "MTT's texture distillation; DATM never reads it",
-        "canvas_size": "MTT's texture distillation; DATM never reads it",
-        "canvas_samples": "MTT's texture distillation; DATM never reads it",
-        "record_loss": "DATM never reads it",
-        "Initialize_Label_Model_Dir": "DATM never reads it (label experts come from buffer_path)",
-    }
-)
-
-#: Every key of upstream's final ``utils/cfg.py`` (the spellings its YAML files use).
-UPSTREAM_KEYS: tuple[str, ...] = (
-    tuple(_TO_UPSTREAM.get(k, k) for k in _FIELD_NAMES if k not in OWN_KEYS) + ("device",) + tuple(IGNORED_KEYS)
-)
 
 # eval_mode -> the networks upstream's get_eval_pool evaluates with ("S" and "C" depend on model)
 _EVAL_POOLS = MappingProxyType(
@@ -296,184 +133,425 @@ _EVAL_POOLS = MappingProxyType(
 )
 _EVAL_MODES: tuple[str, ...] = ("S", "C") + tuple(_EVAL_POOLS)
 
-_PATH_FIELDS = frozenset({"dataset", "data_path", "buffer_path", "out_dir"})
-_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
-_NONE = frozenset({"none", "null", "~"})
 
+# ---- the sections --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DataSection(Section):
+    """What is distilled. The data a run used is recorded as a :class:`~datm_fast.data.DataSpec` in its
+    ``run.json`` (and a native buffer's manifest); :meth:`spec` makes one from these keys."""
 
-def _label(name: str) -> str:
-    """How a field is named in messages: ``momentum_y (Momentum_y)`` when upstream spells it differently."""
-    up = _TO_UPSTREAM.get(name)
-    return f"{name} ({up})" if up else name
+    dataset: str = setting(
+        "CIFAR10", path=True, help="dataset name or path for datm_fast.data.load_dataset (case-insensitive: CIFAR10)"
+    )
+    subset: str = setting("imagenette", help="ImageNet class subset; read only when dataset is ImageNet (upstream)")
+    res: int = setting(32, check=at_least(1), help="image side, px; upstream reads it only in ImageNet's buffer path")
+    zca: bool = setting(True, help="ZCA-whiten the real data (eps 0.1, fit on train), as the experts must have been")
+    data_path: str = setting("../dataset/", path=True, placement=True, help="folder dataset names resolve against")
 
+    def relations(self) -> list[str]:
+        return [] if self.dataset.strip() else [f"dataset must be a dataset name or path, got {self.dataset!r}"]
 
-def _close(word: str, choices: Sequence[str]) -> str | None:
-    """The choice closest to ``word`` (case-insensitive), or None."""
-    lowered: dict[str, str] = {}
-    for c in choices:
-        lowered.setdefault(c.lower(), c)
-    hit = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
-    return lowered[hit[0]] if hit else None
-
-
-def _did_you_mean(word: object, choices: Sequence[str]) -> str:
-    close = _close(str(word), choices)
-    return f"; did you mean {close!r}?" if close else ""
-
-
-# ---- coercion ------------------------------------------------------------------------------------------------------
-
-
-class _BadValue(Exception):
-    pass
-
-
-_HINTS: dict[str, Any] = {}
-
-
-def _type_hints() -> dict[str, Any]:
-    if not _HINTS:
-        _HINTS.update(get_type_hints(DistillConfig))
-    return _HINTS
-
-
-def _number(name: str, value: Any, what: str) -> float:
-    """A finite float from an int, float or numeric string; ``_BadValue`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
-        raise _BadValue(f"{_label(name)} must be {what}, got {value!r} ({type(value).__name__})")
-    if isinstance(value, str):
-        if not _NUMBER.fullmatch(value.strip()):
-            raise _BadValue(f"{_label(name)} must be {what}, got the string {value!r}")
-        x = float(value)
-    else:
-        x = float(value)
-    if not math.isfinite(x):
-        raise _BadValue(f"{_label(name)} must be a finite number, got {value!r}")
-    return x
-
-
-def _coerce(name: str, tp: Any, value: Any) -> Any:
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if origin is Union or (origin is not None and type(None) in args and len(args) == 2):  # Optional[X]
-        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
-            return None
-        inner = next(a for a in args if a is not type(None))
-        return _coerce(name, inner, value)
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        raise _BadValue(
-            f"{_label(name)} must be one of {', '.join(map(repr, args))}, got {value!r}"
-            + (_did_you_mean(value, args) if isinstance(value, str) else "")
-        )
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _BadValue(f"{_label(name)} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):  # numpy integers
-            return int(value)
-        x = _number(name, value, "a whole number")
-        if not x.is_integer():
-            raise _BadValue(f"{_label(name)} must be a whole number, got {value!r}")
-        return int(x)
-    if tp is float:
-        if type(value) is float and math.isfinite(value):
-            return value
-        return _number(name, value, "a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if name in _PATH_FIELDS and isinstance(value, os.PathLike):
-            return os.fspath(value)
-        raise _BadValue(f"{_label(name)} must be a string, got {value!r} ({type(value).__name__})")
-    raise TypeError(f"DistillConfig.{name}: unsupported annotation {tp!r}")  # pragma: no cover - a bug here
-
-
-# ---- value checks --------------------------------------------------------------------------------------------------
-
-
-def _check_values(c: DistillConfig) -> list[str]:
-    """Every impossible value of ``c`` (already of the right types), one message each."""
-    p: list[str] = []
-
-    def need(ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            p.append(f"{_label(name)} must be {expected}, got {getattr(c, name)!r}")
-
-    for name in ("ipc", "syn_steps", "expert_epochs", "eval_it", "num_eval", "batch_train", "res"):
-        need(getattr(c, name) >= 1, name, ">= 1")
-    for name in ("min_start_epoch", "iterations", "epoch_eval_train", "seed", "checkpoint_every"):
-        need(getattr(c, name) >= 0, name, ">= 0")
-    for name in ("batch_syn", "max_files", "max_experts", "micro_batch"):
-        v = getattr(c, name)
-        need(v is None or v >= 1, name, ">= 1 or null")
-    need(c.lr_teacher > 0, "lr_teacher", "> 0 (the student's initial SGD lr)")
-    for name in ("lr_img", "lr_lr", "lr_y"):
-        need(getattr(c, name) >= 0, name, ">= 0 (an SGD learning rate)")
-    need(0 <= c.momentum_y < 1, "momentum_y", "in [0, 1)")
-    need(c.threshold > 0, "threshold", "> 0 (the matching loss is >= 0; a threshold <= 0 skips every update)")
-    need(c.memory_budget_gb is None or c.memory_budget_gb > 0, "memory_budget_gb", "> 0 or null")
-    need(c.dataset.strip() != "", "dataset", "a dataset name or path")
-
-    # the start-epoch window: randint(min_start_epoch, upper) needs upper > min_start_epoch at every iteration
-    if c.max_start_epoch <= c.min_start_epoch:
-        p.append(
-            f"min_start_epoch must be < max_start_epoch (start epochs are drawn from "
-            f"[min_start_epoch, max_start_epoch)), got {c.min_start_epoch} and {c.max_start_epoch}"
-        )
-    elif c.sequential_generation and not c.min_start_epoch < c.current_max_start_epoch <= c.max_start_epoch:
-        p.append(
-            f"current_max_start_epoch must be in ({c.min_start_epoch}, {c.max_start_epoch}] = "
-            f"(min_start_epoch, max_start_epoch] when sequential_generation is on (the window at iteration 0 "
-            f"is [min_start_epoch, current_max_start_epoch)), got {c.current_max_start_epoch}"
-        )
-    if c.sequential_generation:
-        need(c.expansion_end_epoch >= 1, "expansion_end_epoch", ">= 1 iteration when sequential_generation is on")
-
-    from ..models.registry import network_names
-
-    names = network_names()
-    if c.model not in names:
-        p.append(f"model: unknown network {c.model!r}{_did_you_mean(c.model, names)} (valid: {', '.join(names)})")
-    if c.initialize_label_with_another_model and c.initialize_label_model not in names:
-        p.append(
-            f"{_label('initialize_label_model')}: unknown network {c.initialize_label_model!r}"
-            f"{_did_you_mean(c.initialize_label_model, names)} (needed because "
-            f"{_TO_UPSTREAM['initialize_label_with_another_model']} is true)"
+    def spec(self, root: str | os.PathLike[str] | None = None) -> DataSpec:
+        """The data these keys name, under ``root`` (default ``data_path``): ZCA or per-channel normalisation."""
+        return DataSpec(
+            self.dataset,
+            root=os.fspath(root) if root is not None else self.data_path,
+            preprocessing="zca" if self.zca else "normalize",
         )
 
-    from ..augment import DSA_GROUPS
 
-    if c.dsa_strategy not in ("", "none", "None"):
-        groups = c.dsa_strategy.split("_")
-        bad = [g for g in groups if g not in DSA_GROUPS]
-        if bad:
-            hints = "".join(_did_you_mean(g, DSA_GROUPS) for g in bad[:1])
+@dataclass(frozen=True)
+class MatchingSection(Section):
+    """The expert trajectories matched, and the student's unroll that matches them."""
+
+    model: str = setting("ConvNet", help="network distilled with: datm_fast.models.network_names() (ConvNetD4: 64 px)")
+    syn_steps: int = setting(80, check=at_least(1), help="student SGD steps on the synthetic set per iteration (N)")
+    expert_epochs: int = setting(
+        2, check=at_least(1), help="target = expert checkpoint at start_epoch + expert_epochs (M), in epochs"
+    )
+    min_start_epoch: int = setting(
+        0, check=at_least(0), help="start epochs are drawn uniformly from [min_start_epoch, upper), upper excluded"
+    )
+    current_max_start_epoch: int = setting(20, help="upper at iteration 0 (only with sequential_generation), epochs")
+    max_start_epoch: int = setting(25, help="final upper, and its cap: the largest start epoch drawn is this - 1")
+    sequential_generation: bool = setting(
+        True, upstream="Sequential_Generation", help="upper grows linearly from current_max to max_start_epoch"
+    )
+    expansion_end_epoch: int = setting(
+        3000, help="iterations (not epochs, despite the name) for upper to reach max_start_epoch"
+    )
+    batch_syn: int | None = setting(
+        None, check=at_least(1), help="synthetic images per inner step; null = the whole set (num_classes * ipc)"
+    )
+    threshold: float = setting(
+        1.0,
+        check=above(0, "the matching loss is >= 0; a threshold <= 0 skips every update"),
+        help="images, lr and labels are updated only when the matching loss is <= threshold",
+    )
+    dsa: bool = setting(True, help="Differentiable Siamese Augmentation in the inner loop and at evaluation")
+    dsa_strategy: str = setting(
+        "color_crop_cutout_flip_scale_rotate", help="'_'-joined DSA groups (datm_fast.augment), or none"
+    )
+    no_aug: bool = setting(False, help="no DSA in the inner loop (evaluation still augments when dsa)")
+    max_files: int | None = setting(
+        None, check=at_least(1), help="match only the experts of the buffer's first max_files files; null = all"
+    )
+    max_experts: int | None = setting(
+        None, check=at_least(1), help="match only the first max_experts experts of each file; null = all"
+    )
+
+    def relations(self) -> list[str]:
+        p: list[str] = []
+        # the start-epoch window: randint(min_start_epoch, upper) needs upper > min_start_epoch at every iteration
+        if self.max_start_epoch <= self.min_start_epoch:
             p.append(
-                f"dsa_strategy: unknown DSA group(s) {', '.join(map(repr, bad))} in {c.dsa_strategy!r}{hints} "
-                f"(groups: {', '.join(DSA_GROUPS)}, joined by '_'; or 'none')"
+                f"min_start_epoch must be < max_start_epoch (start epochs are drawn from "
+                f"[min_start_epoch, max_start_epoch)), got {self.min_start_epoch} and {self.max_start_epoch}"
             )
-        elif len(set(groups)) != len(groups):
-            p.append(f"dsa_strategy: a DSA group is repeated in {c.dsa_strategy!r}")
+        elif self.sequential_generation and not (
+            self.min_start_epoch < self.current_max_start_epoch <= self.max_start_epoch
+        ):
+            p.append(
+                f"current_max_start_epoch must be in ({self.min_start_epoch}, {self.max_start_epoch}] = "
+                f"(min_start_epoch, max_start_epoch] when sequential_generation is on (the window at iteration 0 "
+                f"is [min_start_epoch, current_max_start_epoch)), got {self.current_max_start_epoch}"
+            )
+        if self.sequential_generation and self.expansion_end_epoch < 1:
+            p.append(
+                f"expansion_end_epoch must be >= 1 iteration when sequential_generation is on, "
+                f"got {self.expansion_end_epoch}"
+            )
+        from ..models import network_names  # models is below distill; not at import: it imports torch
 
-    if c.device != "auto":
+        names = network_names()
+        if self.model not in names:
+            p.append(
+                f"model: unknown network {self.model!r}{did_you_mean(self.model, names)} (valid: {', '.join(names)})"
+            )
+        from ..augment import DSA_GROUPS
+
+        if self.dsa_strategy not in ("", "none", "None"):
+            groups = self.dsa_strategy.split("_")
+            bad = [g for g in groups if g not in DSA_GROUPS]
+            if bad:
+                hints = "".join(did_you_mean(g, DSA_GROUPS) for g in bad[:1])
+                p.append(
+                    f"dsa_strategy: unknown DSA group(s) {', '.join(map(repr, bad))} in {self.dsa_strategy!r}{hints} "
+                    f"(groups: {', '.join(DSA_GROUPS)}, joined by '_'; or 'none')"
+                )
+            elif len(set(groups)) != len(groups):
+                p.append(f"dsa_strategy: a DSA group is repeated in {self.dsa_strategy!r}")
+        return p
+
+
+@dataclass(frozen=True)
+class LearningSection(Section):
+    """What is learned (the set, its labels, the student's lr) and how fast."""
+
+    ipc: int = setting(1, check=at_least(1), help="synthetic images per class; the set has num_classes * ipc images")
+    pix_init: PixInit = setting(
+        "samples_predicted_correctly", help="images experts classify right | real (random) | noise (N(0, 1))"
+    )
+    label_model_timestamp: int = setting(
+        -1,
+        upstream="Label_Model_Timestamp",
+        help="expert checkpoint (epoch index, -1 = last) that picks the images and gives the logits",
+    )
+    lr_img: float = setting(
+        1000.0, check=at_least(0, "an SGD learning rate"), help="SGD lr of the images (momentum 0.5)"
+    )
+    lr_teacher: float = setting(
+        0.01,
+        check=above(0, "the student's initial SGD lr"),
+        help="initial value of the learned student lr (alpha), per inner SGD step",
+    )
+    lr_lr: float = setting(
+        1e-5, check=at_least(0, "an SGD learning rate"), help="SGD lr of the learned lr (momentum 0.5)"
+    )
+    lr_y: float = setting(
+        2.0, check=at_least(0, "an SGD learning rate"), help="SGD lr of the soft labels (logits), momentum momentum_y"
+    )
+    momentum_y: float = setting(0.9, upstream="Momentum_y", check=within(0, 1), help="SGD momentum of the soft labels")
+
+
+@dataclass(frozen=True)
+class ScheduleSection(Section):
+    """How long the run is, when it evaluates and when it checkpoints."""
+
+    iterations: int = setting(
+        5000,
+        upstream="Iteration",
+        check=at_least(0),
+        flag=True,
+        help="the loop runs it = 0 .. iterations inclusive, i.e. iterations + 1 updates",
+    )
+    eval_it: int = setting(100, check=at_least(1), help="evaluate every eval_it iterations (see eval_iterations)")
+    skip_first_eval: bool = setting(False, upstream="skip_first_eva", help="no evaluation at iteration 0")
+    checkpoint_every: int = setting(
+        500, own=True, placement=True, check=at_least(0), help="iterations between resumable checkpoints; 0 = none"
+    )
+
+
+@dataclass(frozen=True)
+class EvaluationSection(Section):
+    """How a candidate set is evaluated during distillation (DATM's protocol, datm_fast.evaluate)."""
+
+    num_eval: int = setting(5, check=at_least(1), help="networks trained from scratch per evaluation")
+    epoch_eval_train: int = setting(
+        1000, check=at_least(0), help="evaluation training length; upstream trains epoch_eval_train + 1 epochs"
+    )
+    batch_train: int = setting(256, check=at_least(1), help="evaluation batch size, images")
+    eval_mode: str = setting(
+        "S", help="which networks evaluate the set: S (the model, minus BN), C, M, W, D, A, P, N, BN (eval_models)"
+    )
+
+
+@dataclass(frozen=True)
+class RunSection(Section):
+    """Seed, device and files: where a run goes, and which random draws it makes."""
+
+    seed: int = setting(
+        0,
+        own=True,
+        check=at_least(0),
+        flag=True,
+        help="seeds every random draw of the run (upstream reseeds from the clock)",
+    )
+    device: str = setting(
+        "auto", own=True, placement=True, flag=True, help="torch device (cuda, cuda:1, cpu); auto: cuda when available"
+    )
+    out_dir: str | None = setting(
+        None, own=True, placement=True, path=True, help="run directory (config, checkpoints, sets); null: the caller's"
+    )
+    buffer_path: str = setting(
+        "../buffer_storage/",
+        path=True,
+        placement=True,
+        help="root of the expert buffers: the experts are <buffer_path>/<dataset>/<model> (see expert_dir)",
+    )
+    project: str = setting("TEST", placement=True, help="experiment-tracker project name (upstream: the wandb project)")
+    force_save: bool = setting(False, placement=True, help="send image grids to the trackers also when ipc >= 50")
+
+    def relations(self) -> list[str]:
+        if self.device == "auto":
+            return []
         import torch
 
         try:
-            torch.device(c.device)  # parses only; initialises nothing
+            torch.device(self.device)  # parses only; initialises nothing
         except (RuntimeError, ValueError):
-            p.append(f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', got {c.device!r}")
-    return p
+            return [f"device must be 'auto' or a torch device such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}"]
+        return []
+
+
+#: The sections of :class:`DistillConfig`, in order: attribute name -> section class.
+SECTIONS: Mapping[str, type[Section]] = MappingProxyType(
+    {
+        "data": DataSection,
+        "matching": MatchingSection,
+        "learning": LearningSection,
+        "engine": EngineOptions,
+        "schedule": ScheduleSection,
+        "evaluation": EvaluationSection,
+        "run": RunSection,
+    }
+)
+
+#: Every key: name -> (section attribute, field). Derived from the sections' fields.
+KEYS: Mapping[str, tuple[str, dataclasses.Field]] = MappingProxyType(
+    {name: (section, f) for section, cls in SECTIONS.items() for name, f in section_keys(cls).items()}
+)
+#: datm_fast's own keys, not present upstream.
+OWN_KEYS: tuple[str, ...] = tuple(k for k, (_, f) in KEYS.items() if f.metadata["own"])
+#: Keys that say where and how fast a run goes, not what it computes.
+PLACEMENT_KEYS: tuple[str, ...] = tuple(k for k, (_, f) in KEYS.items() if f.metadata["placement"])
+
+# upstream spelling -> key, for the keys whose spelling differs
+_ALIASES = MappingProxyType({f.metadata["upstream"]: k for k, (_, f) in KEYS.items() if f.metadata["upstream"]})
+
+# older upstream spellings (early configs/ and utils/cfg.py), read as today's keys with a warning
+_LEGACY = MappingProxyType({"Initial_Step": "current_max_start_epoch", "learn_end_epoch": "expansion_end_epoch"})
+
+
+class IgnoredKey(NamedTuple):
+    """A key datm_fast accepts and drops: why, and the values under which dropping it changes nothing."""
+
+    why: str
+    inert: tuple[Any, ...] = ()  # values that give no warning (none: every value warns)
+    always_inert: bool = False  # no value warns (read only together with another ignored key)
+
+    def warns(self, value: Any) -> bool:
+        """Whether dropping ``value`` changes what upstream would have run (then a ConfigWarning says so)."""
+        return not self.always_inert and value not in self.inert
+
+
+#: Keys that datm_fast accepts and drops (:class:`IgnoredKey`). FTD's and MTT's leftovers warn whatever
+#: their value; keys DATM reads but that mean nothing here warn only when set to change upstream's run.
+IGNORED_KEYS: Mapping[str, IgnoredKey] = MappingProxyType(
+    {
+        "ema_decay": IgnoredKey("an EMA of the synthetic images is FTD's; DATM never reads it"),
+        "lr_init": IgnoredKey("an MTT leftover; DATM starts the learned lr at lr_teacher"),
+        "batch_real": IgnoredKey("it only sizes per-class ImageNet loaders that DATM never uses"),
+        "texture": IgnoredKey("MTT's texture distillation; DATM never reads it"),
+        "canvas_size": IgnoredKey("MTT's texture distillation; DATM never reads it"),
+        "canvas_samples": IgnoredKey("MTT's texture distillation; DATM never reads it"),
+        "record_loss": IgnoredKey("DATM never reads it"),
+        "Initialize_Label_Model_Dir": IgnoredKey("DATM never reads it (label experts come from buffer_path)"),
+        "load_all": IgnoredKey("datm_fast memory-maps the expert files and reads one epoch at a time", (False,)),
+        "parall_eva": IgnoredKey(
+            "datm_fast trains the evaluation runs together on one device (EvalConfig.parallel_runs)", (False,)
+        ),
+        "Initialize_Label_With_Another_Model": IgnoredKey(
+            "datm_fast initialises the images and labels with the distilled model's own experts", (False,)
+        ),
+        "Initialize_Label_Model": IgnoredKey("read only with Initialize_Label_With_Another_Model", always_inert=True),
+    }
+)
+# snake_case spellings of ignored upstream keys (what earlier datm_fast versions wrote in config.yaml)
+_IGNORED_SPELLINGS = MappingProxyType(
+    {
+        "parallel_eval": "parall_eva",
+        "initialize_label_with_another_model": "Initialize_Label_With_Another_Model",
+        "initialize_label_model": "Initialize_Label_Model",
+    }
+)
+
+#: Every key of upstream's final ``utils/cfg.py`` (the spellings its YAML files use).
+UPSTREAM_KEYS: tuple[str, ...] = (
+    tuple(f.metadata["upstream"] or k for k, (_, f) in KEYS.items() if not f.metadata["own"])
+    + ("device",)
+    + tuple(IGNORED_KEYS)
+)
+
+
+# ---- the config ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every setting of one DATM distillation run, in sections. Frozen: derive variants with :meth:`replace`.
+
+    Build it with :func:`load_config`, which takes flat keys in either spelling and checks them
+    (``DistillConfig.from_keys(ipc=10)`` does the same for keyword arguments). Defaults are upstream's
+    ``utils/cfg.py``. A key reads from its section or from the config itself: ``config.learning.ipc``
+    and ``config.ipc`` are the same value.
+    """
+
+    data: DataSection = field(default_factory=DataSection)
+    matching: MatchingSection = field(default_factory=MatchingSection)
+    learning: LearningSection = field(default_factory=LearningSection)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a flat key, read from its section.
+        where = KEYS.get(name)
+        if where is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} has no attribute or config key {name!r}")
+        return getattr(object.__getattribute__(self, where[0]), name)
+
+    @classmethod
+    def from_keys(cls, source: str | None = None, **values: Any) -> DistillConfig:
+        """A config from flat keys (today's spellings), every problem of every section in one ConfigError."""
+        unknown = [k for k in values if k not in KEYS]
+        if unknown:
+            raise ConfigError([f"unknown key {k!r}{did_you_mean(k, list(KEYS))}" for k in unknown], source)
+        sections: dict[str, Section] = {}
+        problems: list[str] = []
+        for name, section_cls in SECTIONS.items():
+            own = {k: v for k, v in values.items() if KEYS[k][0] == name}
+            try:
+                sections[name] = section_cls(**own)
+            except ConfigError as e:
+                problems += e.problems
+        if problems:
+            raise ConfigError(problems, source)
+        return cls(**sections)  # type: ignore[arg-type]
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """``memory_budget_gb`` in bytes (GiB = 2**30)."""
+        return self.engine.memory_budget_bytes
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """``(key, value)`` of every key, section by section."""
+        for name in SECTIONS:
+            section = getattr(self, name)
+            for key in section_keys(type(section)):
+                yield key, getattr(section, key)
+
+    def to_dict(self, *, upstream: bool = False) -> dict[str, Any]:
+        """Plain flat ``{key: value}``, section by section. :func:`load_config` reads it back to an equal config.
+
+        ``upstream=True`` gives upstream's key spellings (``Iteration``, ``Momentum_y``, ...) without
+        datm_fast's own keys (:data:`OWN_KEYS`). Floats stay floats: upstream's yacs would reject
+        ``lr_img: 100.0`` (its default is an int), so write ``lr_img`` as an int to feed upstream.
+        """
+        out = dict(self.items())
+        if not upstream:
+            return out
+        return {KEYS[k][1].metadata["upstream"] or k: v for k, v in out.items() if k not in OWN_KEYS}
+
+    def to_yaml(self, path: str | os.PathLike[str] | None = None) -> str:
+        """YAML text of :meth:`to_dict`. When ``path`` is given, also write it there atomically."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+        if path is not None:
+            from ..utils import atomic_write
+
+            with atomic_write(path, "w") as f:
+                f.write(text)
+        return text
+
+    def replace(self, **changes: Any) -> DistillConfig:
+        """A copy with ``changes`` (flat keys, upstream spellings too) applied, checked like :func:`load_config`."""
+        return DistillConfig.from_keys("replace()", **{**self.to_dict(), **_normalise(changes, "replace()")})
+
+    def differences(self, other: DistillConfig, *, placement: bool = False) -> list[str]:
+        """The keys whose values differ from ``other``'s; placement keys (:data:`PLACEMENT_KEYS`) only with
+        ``placement=True``."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [k for k in mine if mine[k] != theirs[k] and (placement or k not in PLACEMENT_KEYS)]
+
+    def expert_dir(self) -> Path:
+        """Where upstream's ``DATM.py`` reads the experts: ``<buffer_path>/<dataset>/<model>``, with
+        ``<subset>/<res>`` after the dataset for ImageNet."""
+        path = Path(self.run.buffer_path).expanduser() / self.data.dataset
+        if self.data.dataset == "ImageNet":
+            path = path / self.data.subset / str(self.data.res)
+        return path / self.matching.model
+
+
+# ---- command-line flags --------------------------------------------------------------------------------------------
+def _flag_dest(key: str) -> str:
+    return f"config_key_{key}"
+
+
+def add_config_flags(parser: Any) -> None:
+    """Add a ``--key`` option (an ``argparse`` parser's) for every key declared with ``flag=True``, its
+    help and choices taken from the key's declaration; :func:`flag_overrides` reads them back."""
+    for key, (section, f) in KEYS.items():
+        if not f.metadata["flag"]:
+            continue
+        hint = get_type_hints(SECTIONS[section])[key]
+        choices = get_args(hint) if get_origin(hint) is Literal else None
+        parser.add_argument(
+            "--" + key.replace("_", "-"),
+            dest=_flag_dest(key),
+            default=None,
+            choices=choices,
+            metavar=None if choices else key.upper(),
+            help=f"{f.metadata['help']} (config key {key})",
+        )
+
+
+def flag_overrides(args: Any) -> dict[str, Any]:
+    """The config keys given as ``--key`` options (see :func:`add_config_flags`); values are checked by
+    :func:`load_config`."""
+    return {
+        key: getattr(args, _flag_dest(key))
+        for key, (_, f) in KEYS.items()
+        if f.metadata["flag"] and getattr(args, _flag_dest(key), None) is not None
+    }
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
@@ -556,7 +634,7 @@ def _read(source: Any) -> tuple[dict[str, Any], str]:
             raise ConfigError([f"config file not found: {s}"])
         shipped = list_configs()
         raise ConfigError(
-            [f"no config named {s!r}{_did_you_mean(s, shipped)} (shipped: {', '.join(shipped)}; or give a YAML path)"]
+            [f"no config named {s!r}{did_you_mean(s, shipped)} (shipped: {', '.join(shipped)}; or give a YAML path)"]
         )
     return _parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path)
 
@@ -576,13 +654,15 @@ def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     written_as: dict[str, str] = {}
     problems: list[str] = []
-    valid = _FIELD_NAMES + tuple(_ALIASES) + tuple(_LEGACY) + tuple(IGNORED_KEYS)
+    valid = tuple(KEYS) + tuple(_ALIASES) + tuple(_LEGACY) + tuple(IGNORED_KEYS)
     for key, value in raw.items():
         if not isinstance(key, str):
             problems.append(f"key {key!r} is not a string")
             continue
-        if key in IGNORED_KEYS:
-            _warn(f"{source}: key {key!r} is ignored: {IGNORED_KEYS[key]}")
+        if key in IGNORED_KEYS or key in _IGNORED_SPELLINGS:
+            ignored = IGNORED_KEYS[_IGNORED_SPELLINGS.get(key, key)]
+            if ignored.warns(value):
+                _warn(f"{source}: key {key!r} is ignored: {ignored.why}")
             continue
         if key == "device" and _is_gpu_list(value):
             _warn(
@@ -595,10 +675,10 @@ def _normalise(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
             _warn(f"{source}: {key!r} is an older upstream name, read as {name!r}")
         elif key in _ALIASES:
             name = _ALIASES[key]
-        elif key in _FIELD_NAMES:
+        elif key in KEYS:
             name = key
         else:
-            problems.append(f"unknown key {key!r}{_did_you_mean(key, valid)}")
+            problems.append(f"unknown key {key!r}{did_you_mean(key, valid)}")
             continue
         if name in out:
             problems.append(f"{name} is given twice, as {written_as[name]!r} and as {key!r}")
@@ -628,13 +708,10 @@ def load_config(source: str | os.PathLike[str] | Mapping[str, Any] | DistillConf
     Ignored and legacy upstream keys give a :class:`ConfigWarning`. The YAML is parsed with a
     ``yaml.SafeLoader`` (as ``yaml.safe_load``) that also reports keys given twice.
     """
-    raw, label = _read(source)
-    values = _normalise(raw, label)
+    raw, where = _read(source)
+    values = _normalise(raw, where)
     values.update(_normalise(overrides, "overrides") if overrides else {})
-    try:
-        return DistillConfig(**values)
-    except ConfigError as e:
-        raise ConfigError(e.problems, label) from None
+    return DistillConfig.from_keys(where, **values)
 
 
 # ---- checks against the data ---------------------------------------------------------------------------------------
@@ -669,18 +746,19 @@ def validate_against(
     if isinstance(buffer_epochs, bool) or not isinstance(buffer_epochs, numbers.Integral) or buffer_epochs < 0:
         raise ValueError(f"buffer_epochs must be an int >= 0, got {buffer_epochs!r}")
     p: list[str] = []
-    last_target = config.max_start_epoch - 1 + config.expert_epochs
+    m, learning = config.matching, config.learning
+    last_target = m.max_start_epoch - 1 + m.expert_epochs
     if last_target > buffer_epochs:
         p.append(
-            f"max_start_epoch ({config.max_start_epoch}) and expert_epochs ({config.expert_epochs}) need expert "
-            f"epochs up to {last_target} (start epochs reach max_start_epoch - 1 = {config.max_start_epoch - 1}, "
+            f"max_start_epoch ({m.max_start_epoch}) and expert_epochs ({m.expert_epochs}) need expert "
+            f"epochs up to {last_target} (start epochs reach max_start_epoch - 1 = {m.max_start_epoch - 1}, "
             f"targets are expert_epochs later), but the buffer has {buffer_epochs} epochs: lower max_start_epoch to "
-            f"at most {buffer_epochs - config.expert_epochs + 1} or train the experts for {last_target} epochs"
+            f"at most {buffer_epochs - m.expert_epochs + 1} or train the experts for {last_target} epochs"
         )
-    ts = config.label_model_timestamp
-    if config.pix_init == "samples_predicted_correctly" and not -(buffer_epochs + 1) <= ts <= buffer_epochs:
+    ts = learning.label_model_timestamp
+    if learning.pix_init == "samples_predicted_correctly" and not -(buffer_epochs + 1) <= ts <= buffer_epochs:
         p.append(
-            f"{_label('label_model_timestamp')} = {ts} is not a checkpoint of the buffer "
+            f"{label(KEYS['label_model_timestamp'][1])} = {ts} is not a checkpoint of the buffer "
             f"(indices -{buffer_epochs + 1}..{buffer_epochs})"
         )
     sizes = list(class_sizes)
@@ -688,14 +766,14 @@ def validate_against(
         p.append("class_sizes is empty: the dataset has no classes")
     if class_names is not None and len(class_names) != len(sizes):
         raise ValueError(f"class_names has {len(class_names)} names for {len(sizes)} classes")
-    small = [(c, int(n)) for c, n in enumerate(sizes) if n < config.ipc]
+    small = [(c, int(n)) for c, n in enumerate(sizes) if n < learning.ipc]
     if small:
         shown = ", ".join(
             f"class {c}" + (f" ({class_names[c]!r})" if class_names is not None else "") + f" has {n}"
             for c, n in small[:10]
         )
         more = f" and {len(small) - 10} more classes" if len(small) > 10 else ""
-        p.append(f"ipc = {config.ipc} is more images than some classes have: {shown}{more}")
+        p.append(f"ipc = {learning.ipc} is more images than some classes have: {shown}{more}")
     if p:
         raise ConfigError(p)
 
@@ -728,10 +806,11 @@ def start_epoch_upper(config: DistillConfig, iteration: int) -> int:
             Upper_Bound = args.max_start_epoch
     """
     it = _iteration(iteration)
-    if not config.sequential_generation:
-        return config.max_start_epoch
-    cur, top = config.current_max_start_epoch, config.max_start_epoch
-    return min(cur + int((top - cur) * it / config.expansion_end_epoch), top)
+    m = config.matching
+    if not m.sequential_generation:
+        return m.max_start_epoch
+    cur, top = m.current_max_start_epoch, m.max_start_epoch
+    return min(cur + int((top - cur) * it / m.expansion_end_epoch), top)
 
 
 def sample_start_epoch(config: DistillConfig, iteration: int, generator: Any) -> int:
@@ -742,7 +821,7 @@ def sample_start_epoch(config: DistillConfig, iteration: int, generator: Any) ->
     or a ``numpy.random.RandomState``. A ``RandomState`` in the state of upstream's global numpy RNG
     draws what upstream draws. There is no global-RNG fallback.
     """
-    low, high = config.min_start_epoch, start_epoch_upper(config, iteration)
+    low, high = config.matching.min_start_epoch, start_epoch_upper(config, iteration)
     import numpy as np
     import torch
 
@@ -766,8 +845,9 @@ def eval_iterations(config: DistillConfig) -> list[int]:
         start = args.eval_it if args.skip_first_eva else 0
         eval_it_pool = np.arange(start, args.Iteration + 1, args.eval_it).tolist()
     """
-    start = config.eval_it if config.skip_first_eval else 0
-    return list(range(start, config.iterations + 1, config.eval_it))
+    schedule = config.schedule
+    start = schedule.eval_it if schedule.skip_first_eval else 0
+    return list(range(start, schedule.iterations + 1, schedule.eval_it))
 
 
 def eval_models(config: DistillConfig) -> tuple[str, ...]:
@@ -777,7 +857,7 @@ def eval_models(config: DistillConfig) -> tuple[str, ...]:
     ``ConvNet``). ``C``: the model and ``ConvNet``. ``M``/``W``/``D``/``A``/``P``/``N``/``BN``: fixed
     pools. Any other mode: the model alone, as upstream does.
     """
-    model, mode = config.model, config.eval_mode
+    model, mode = config.matching.model, config.evaluation.eval_mode
     if mode == "S":
         return (model[: model.index("BN")],) if "BN" in model else (model,)
     if mode == "C":
@@ -792,5 +872,6 @@ def effective_batch_syn(config: DistillConfig, num_classes: int) -> int:
     *last* chunk first. When ``batch_syn`` does not divide ``n``, the first step of each permutation
     therefore gets the short remainder chunk.
     """
-    n = num_classes * config.ipc
-    return n if config.batch_syn is None else min(config.batch_syn, n)
+    n = num_classes * config.learning.ipc
+    batch_syn = config.matching.batch_syn
+    return n if batch_syn is None else min(batch_syn, n)

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..utils import atomic_write
+from .rundir import RunDir
 
 __all__ = [
     "LOGGER_NAMES",
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 LOGGER_NAMES = ("tensorboard", "wandb")
-WANDB_ID_NAME = "wandb_run_id.txt"  # in the run directory: the id a resumed run continues
 _PIP = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
@@ -98,17 +98,17 @@ def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
 
 class TensorBoardLogger:
     """Scalars (one tag per row key: ``loss``, ``lr``, ``start_epoch``, ``skipped``, ``seconds``,
-    ``peak_memory_gb``, ``eval_mean``, ...) and image grids into ``<run_dir>/tensorboard``.
+    ``peak_memory_gb``, ``eval_mean``, ...) and image grids into ``log_dir`` (a run's ``tensorboard/``).
 
     ``purge_step``: on a resume, the first iteration of this call; events a killed run logged at or
     after it are hidden by TensorBoard, so each iteration shows once.
     """
 
-    def __init__(self, run_dir: str | Path, *, purge_step: int | None = None) -> None:
+    def __init__(self, log_dir: str | Path, *, purge_step: int | None = None) -> None:
         _require("tensorboard")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir = Path(run_dir) / "tensorboard"
+        self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
 
     def log(self, row: Mapping[str, Any], step: int) -> None:
@@ -126,8 +126,8 @@ class TensorBoardLogger:
 class WandbLogger:
     """``wandb.init(project, name, config, dir=run_dir, id, resume="allow")``; each row is ``run.log(row, step)``.
 
-    The run id is kept in ``<run_dir>/wandb_run_id.txt``: with ``resume=True`` the same wandb run goes
-    on. Rows a killed run logged after its last checkpoint are logged again by the resumed run at the
+    The run id is kept in the run directory (``RunDir.WANDB_ID``): with ``resume=True`` the same wandb
+    run goes on. Rows a killed run logged after its last checkpoint are logged again by the resumed run at the
     same steps; wandb drops those (its steps only increase), and they hold the same values anyway (the
     loop is deterministic), except ``seconds`` and ``peak_memory_gb``. Offline runs:
     ``WANDB_MODE=offline``.
@@ -148,7 +148,7 @@ class WandbLogger:
         self._wandb = wandb
         run_id = None
         if run_dir is not None:
-            id_path = Path(run_dir) / WANDB_ID_NAME
+            id_path = RunDir(run_dir).file(RunDir.WANDB_ID)
             if resume and id_path.exists():
                 run_id = id_path.read_text().strip() or None
             if run_id is None:
@@ -202,7 +202,7 @@ def make_loggers(
         for name in checked:
             if name == "tensorboard":
                 assert run_dir is not None
-                loggers.append(TensorBoardLogger(run_dir, purge_step=resume_from))
+                loggers.append(TensorBoardLogger(RunDir(run_dir).file(RunDir.TENSORBOARD), purge_step=resume_from))
             else:
                 project = getattr(config, "project", None) or (config_dict or {}).get("project")
                 loggers.append(

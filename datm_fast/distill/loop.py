@@ -19,7 +19,6 @@ One iteration ``it``:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -34,13 +33,12 @@ from PIL import Image
 from torch import Tensor
 
 from ..augment import DSAConfig
-from ..data import ImageDataset
-from ..data.transforms import Transform
+from ..data import DataSpec, ImageDataset, Transform
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
-from ..utils import atomic_write, peak_rss_bytes, resolve_device
-from ..viz import save_image_grid
-from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
+from ..utils import peak_rss_bytes, resolve_device
+from .config import DistillConfig, eval_iterations, load_config, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
+from .rundir import RunDir, RunRecord
 from .unroll import trajectory_matching_loss
 
 __all__ = [
@@ -51,9 +49,6 @@ __all__ = [
     "initialize_synthetic_set",
     "distill",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-METRICS_NAME = "metrics.jsonl"
 
 
 class Trajectories(Protocol):
@@ -72,9 +67,11 @@ class Trajectories(Protocol):
 
 @dataclass(frozen=True)
 class EvalOutcome:
-    """What an evaluator returns: test accuracy (fraction) of each freshly trained network."""
+    """What an evaluator returns: test accuracy (fraction) of each freshly trained network, and the mean
+    accuracy of every other network the set was evaluated with (``(name, mean)`` pairs)."""
 
     accuracies: tuple[float, ...]
+    other_models: tuple[tuple[str, float], ...] = ()
 
     @property
     def mean(self) -> float:
@@ -158,47 +155,48 @@ def initialize_synthetic_set(
     times 10 (softmax about 0.9995 on the class): upstream crashes here.
     """
     k = data.num_classes
-    epoch = config.label_model_timestamp if config.label_model_timestamp >= 0 else experts.num_epochs
+    learning = config.learning
+    epoch = learning.label_model_timestamp if learning.label_model_timestamp >= 0 else experts.num_epochs
     if epoch > experts.num_epochs:
         raise ValueError(
-            f"label_model_timestamp {config.label_model_timestamp} is beyond the buffer's {experts.num_epochs} epochs"
+            f"label_model_timestamp {learning.label_model_timestamp} is beyond the buffer's {experts.num_epochs} epochs"
         )
     selector = experts.params(0, epoch).to(device)
-    gen = _generator(config.seed, "init")
+    gen = _generator(config.run.seed, "init")
     images, labels = [], []
     for c in range(k):
         pool = torch.nonzero(data.train_labels == c).flatten()
         pool = pool[torch.randperm(len(pool), generator=gen)]
-        if config.pix_init == "noise":
-            x = torch.randn(config.ipc, *data.train_images.shape[1:], generator=gen)
+        if learning.pix_init == "noise":
+            x = torch.randn(learning.ipc, *data.train_images.shape[1:], generator=gen)
             images.append(x)
-            labels.append(torch.nn.functional.one_hot(torch.full((config.ipc,), c), k).float() * 10.0)
+            labels.append(torch.nn.functional.one_hot(torch.full((learning.ipc,), c), k).float() * 10.0)
             continue
-        if config.pix_init == "real":
-            chosen = pool[: config.ipc]
+        if learning.pix_init == "real":
+            chosen = pool[: learning.ipc]
         else:
             chosen_list: list[Tensor] = []
             found = 0
             for start in range(0, len(pool), 256):  # upstream scans in batches of 256
                 idx = pool[start : start + 256]
                 pred = _logits(spec, selector, data.train_images[idx].to(device)).argmax(1).cpu()
-                good = idx[pred == c][: config.ipc - found]
+                good = idx[pred == c][: learning.ipc - found]
                 chosen_list.append(good)
                 found += len(good)
-                if found == config.ipc:
+                if found == learning.ipc:
                     break
-            if found < config.ipc:
+            if found < learning.ipc:
                 raise ValueError(
                     f"pix_init samples_predicted_correctly: expert 0 (epoch {epoch}) classifies only {found} "
-                    f"images of class {c} ({data.classes[c]!r}) correctly, fewer than ipc={config.ipc}; "
+                    f"images of class {c} ({data.classes[c]!r}) correctly, fewer than ipc={learning.ipc}; "
                     "use pix_init real, or a better-trained buffer"
                 )
             chosen = torch.cat(chosen_list)
         images.append(data.train_images[chosen])
     images_t = torch.cat(images).to(device)
-    if config.pix_init == "noise":
+    if learning.pix_init == "noise":
         return images_t, torch.cat(labels).to(device)
-    class_of = torch.arange(k).repeat_interleave(config.ipc).to(device)
+    class_of = torch.arange(k).repeat_interleave(learning.ipc).to(device)
     total = torch.zeros(len(images_t), k, device=device)
     count = torch.zeros(len(images_t), 1, device=device)
     for e in range(min(label_experts, experts.num_experts)):
@@ -211,55 +209,11 @@ def initialize_synthetic_set(
     return images_t, labels_t
 
 
-# ----- run directory -----------------------------------------------------------------------------------
-def _save_tensor(path: Path, tensor: Tensor | float) -> None:
-    value = tensor.detach().cpu() if isinstance(tensor, Tensor) else torch.tensor(float(tensor))
-    with atomic_write(path) as f:
-        torch.save(value, f)
-
-
-def _save_set(run_dir: Path, tag: str, images: Tensor, labels: Tensor, lr: float) -> None:
-    """Upstream's file names and layouts: images_<tag>.pt (M,C,H,W), labels_<tag>.pt (M,K), lr_<tag>.pt ()."""
-    _save_tensor(run_dir / f"images_{tag}.pt", images)
-    _save_tensor(run_dir / f"labels_{tag}.pt", labels)
-    _save_tensor(run_dir / f"lr_{tag}.pt", lr)
-
-
-def _save_grid(path: Path, images: Tensor, transform: Transform | None, ipc: int) -> None:
-    """The set as pictures: one row per class (at most 10 images per row), whitening undone."""
-    x = images.detach().cpu()
-    if transform is not None:
-        x = transform.inverse(x)
-    per_row = min(ipc, 10)
-    k = len(x) // ipc
-    shown = torch.cat([x[c * ipc : c * ipc + per_row] for c in range(min(k, 100))])
-    # Thumbnails of at least 64 px: 8 px digits x8, 32 px CIFAR x2, 64 px Tiny ImageNet as they are.
-    save_image_grid(shown, path, nrow=per_row, scale=max(1, 64 // x.shape[-1]))
-
-
-def _log_grid(loggers: Sequence[MetricsLogger], tag: str, path: Path, step: int) -> None:
-    """Send the grid just saved at ``path`` to the loggers that take images."""
-    targets = [lg for lg in loggers if callable(getattr(lg, "log_images", None))]
-    if not targets:
-        return
-    with Image.open(path) as picture:
-        grid = np.asarray(picture.convert("RGB"))
-    for logger in targets:
-        logger.log_images(tag, grid, max(step, 0))  # type: ignore[attr-defined]
-
-
-def _close_loggers(loggers: Sequence[MetricsLogger]) -> None:
-    for logger in loggers:
-        try:
-            logger.close()
-        except Exception as exc:  # one failing tracker must not hide the run's outcome
-            warnings.warn(
-                f"distill: closing logger {type(logger).__name__} failed: {exc}", RuntimeWarning, stacklevel=3
-            )
-
-
+# ----- what a run writes -------------------------------------------------------------------------------
 @dataclass
 class _State:
+    """What the loop carries from one iteration to the next (and a checkpoint holds)."""
+
     images: Tensor
     labels: Tensor
     lr: Tensor
@@ -270,68 +224,102 @@ class _State:
     best_accuracy: float | None
     best_iteration: int | None
 
+    def snapshot(self) -> tuple[Tensor, Tensor, float]:
+        """The current set, detached: images, labels, lr."""
+        return self.images.detach().clone(), self.labels.detach().clone(), float(self.lr.detach())
 
-def _checkpoint(run_dir: Path, state: _State, config: DistillConfig) -> None:
-    payload = {
-        "format": "datm_fast.distill.checkpoint/1",
-        "next_iteration": state.iteration,
-        "images": state.images.detach().cpu(),
-        "labels": state.labels.detach().cpu(),
-        "lr": state.lr.detach().cpu(),
-        "opt_images": state.opt_images.state_dict(),
-        "opt_lr": state.opt_lr.state_dict(),
-        "opt_labels": state.opt_labels.state_dict(),
-        "best_accuracy": -1.0 if state.best_accuracy is None else state.best_accuracy,
-        "best_iteration": -1 if state.best_iteration is None else state.best_iteration,
-        # Every random draw is derived from (seed, iteration), so no generator state is needed to
-        # resume; the seed is kept to refuse a resume under another one.
-        "seed": config.seed,
-    }
-    with atomic_write(run_dir / CHECKPOINT_NAME) as f:
-        torch.save(payload, f)
+    def checkpoint(self, seed: int) -> dict[str, Any]:
+        return {
+            "next_iteration": self.iteration,
+            "images": self.images.detach().cpu(),
+            "labels": self.labels.detach().cpu(),
+            "lr": self.lr.detach().cpu(),
+            "opt_images": self.opt_images.state_dict(),
+            "opt_lr": self.opt_lr.state_dict(),
+            "opt_labels": self.opt_labels.state_dict(),
+            "best_accuracy": -1.0 if self.best_accuracy is None else self.best_accuracy,
+            "best_iteration": -1 if self.best_iteration is None else self.best_iteration,
+            # Every random draw is derived from (seed, iteration), so no generator state is needed to
+            # resume; the seed is kept to refuse a resume under another one.
+            "seed": seed,
+        }
 
-
-def _load_checkpoint(run_dir: Path, state: _State, config: DistillConfig, device: torch.device) -> None:
-    path = run_dir / CHECKPOINT_NAME
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a foreign or damaged file: say which
-        raise ValueError(f"{path}: not a readable datm_fast checkpoint ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != "datm_fast.distill.checkpoint/1":
-        raise ValueError(f"{path}: not a datm_fast distillation checkpoint")
-    if payload["seed"] != config.seed:
-        raise ValueError(f"{path}: written with seed {payload['seed']}, resuming with seed {config.seed}")
-    if payload["images"].shape != state.images.shape or payload["labels"].shape != state.labels.shape:
-        raise ValueError(
-            f"{path}: holds a set of shape {tuple(payload['images'].shape)}, this config makes "
-            f"{tuple(state.images.shape)}"
-        )
-    with torch.no_grad():
-        state.images.copy_(payload["images"].to(device))
-        state.labels.copy_(payload["labels"].to(device))
-        state.lr.copy_(payload["lr"].to(device))
-    state.opt_images.load_state_dict(payload["opt_images"])
-    state.opt_lr.load_state_dict(payload["opt_lr"])
-    state.opt_labels.load_state_dict(payload["opt_labels"])
-    state.iteration = int(payload["next_iteration"])
-    state.best_accuracy = None if payload["best_accuracy"] < 0 else float(payload["best_accuracy"])
-    state.best_iteration = None if payload["best_iteration"] < 0 else int(payload["best_iteration"])
+    def restore(self, payload: dict[str, Any], seed: int, source: Path) -> None:
+        if payload["seed"] != seed:
+            raise ValueError(f"{source}: written with seed {payload['seed']}, resuming with seed {seed}")
+        if payload["images"].shape != self.images.shape or payload["labels"].shape != self.labels.shape:
+            raise ValueError(
+                f"{source}: holds a set of shape {tuple(payload['images'].shape)}, this config makes "
+                f"{tuple(self.images.shape)}"
+            )
+        with torch.no_grad():
+            self.images.copy_(payload["images"])
+            self.labels.copy_(payload["labels"])
+            self.lr.copy_(payload["lr"])
+        self.opt_images.load_state_dict(payload["opt_images"])
+        self.opt_lr.load_state_dict(payload["opt_lr"])
+        self.opt_labels.load_state_dict(payload["opt_labels"])
+        self.iteration = int(payload["next_iteration"])
+        self.best_accuracy = None if payload["best_accuracy"] < 0 else float(payload["best_accuracy"])
+        self.best_iteration = None if payload["best_iteration"] < 0 else int(payload["best_iteration"])
 
 
-def _truncate_metrics(path: Path, next_iteration: int) -> None:
-    """Drop rows a killed run logged after its last checkpoint: they will be computed again."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a half-written last line of a killed run
-            continue
-        if row.get("iteration", -1) < next_iteration:
-            keep.append(line)
-    with atomic_write(path, "w") as f:
-        f.write("".join(line + "\n" for line in keep))
+class _Outputs:
+    """Everything one :func:`distill` call writes and sends: the run directory's files (through its
+    :class:`RunDir`, when there is one), the trackers' rows and grids, and the caller's callback."""
+
+    def __init__(
+        self,
+        run: RunDir | None,
+        loggers: Sequence[MetricsLogger],
+        callback: Callable[[dict[str, Any]], None] | None,
+        transform: Transform | None,
+        config: DistillConfig,
+    ) -> None:
+        self.run, self.loggers, self.callback, self.transform = run, list(loggers), callback, transform
+        self.ipc = config.learning.ipc
+        # Upstream sends grids to its tracker only below IPC 50 unless force_save; the PNG is always written.
+        self.grids_to_trackers = self.ipc < 50 or config.run.force_save
+
+    def row(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.append_metrics(row)
+        for logger in self.loggers:
+            logger.log(row, row["iteration"])
+        if self.callback is not None:
+            self.callback(row)
+
+    def best(self, images: Tensor, labels: Tensor, lr: float, iteration: int) -> None:
+        if self.run is not None:
+            self.run.save_set("best", images, labels, lr)
+            self._grid("best", images, iteration)
+
+    def checkpoint(self, state: _State, iteration: int, seed: int) -> None:
+        if self.run is None:
+            return
+        self.run.save_set(str(iteration), state.images, state.labels, float(state.lr.detach()))
+        self._grid("latest", state.images, iteration)
+        self.run.save_checkpoint(state.checkpoint(seed))
+
+    def _grid(self, tag: str, images: Tensor, iteration: int) -> None:
+        assert self.run is not None
+        path = self.run.save_grid(tag, images, self.transform, self.ipc)
+        targets = [lg for lg in self.loggers if callable(getattr(lg, "log_images", None))]
+        if not targets or not self.grids_to_trackers:
+            return
+        with Image.open(path) as picture:
+            grid = np.asarray(picture.convert("RGB"))
+        for logger in targets:
+            logger.log_images(f"images_{tag}", grid, max(iteration, 0))  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            try:
+                logger.close()
+            except Exception as exc:  # one failing tracker must not hide the run's outcome
+                warnings.warn(
+                    f"distill: closing logger {type(logger).__name__} failed: {exc}", RuntimeWarning, stacklevel=3
+                )
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -340,12 +328,84 @@ def _peak_memory_gb(device: torch.device) -> float:
     return peak_rss_bytes() / 1e9
 
 
+# ----- one iteration -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Problem:
+    """What every iteration reads and never changes."""
+
+    spec: ConvNetSpec
+    experts: Trajectories
+    config: DistillConfig
+    augment: DSAConfig | None
+    batch_syn: int
+    device: torch.device
+
+
+def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
+    """Iteration ``it``: match one expert segment, update the set when the loss allows; the metrics row."""
+    config, device = problem.config, problem.device
+    seed = config.run.seed
+    t0 = time.perf_counter()
+    expert = expert_for_iteration(seed, it, problem.experts.num_experts)
+    start_epoch = sample_start_epoch(config, it, _generator(seed, "start-epoch", it))
+    start = problem.experts.params(expert, start_epoch).to(device)
+    target = problem.experts.params(expert, start_epoch + config.matching.expert_epochs).to(device)
+    loss = trajectory_matching_loss(
+        problem.spec,
+        start,
+        target,
+        state.images,
+        state.labels,
+        state.lr,
+        syn_steps=config.matching.syn_steps,
+        batch_syn=problem.batch_syn,
+        augment=problem.augment,
+        generator=_generator(seed, "unroll", it, device=device),
+        host_generator=_generator(seed, "unroll-host", it),
+        options=config.engine,
+    )
+    optimisers = (state.opt_images, state.opt_lr, state.opt_labels)
+    for opt in optimisers:
+        opt.zero_grad(set_to_none=True)
+    loss_value = float(loss.detach())
+    finite = math.isfinite(loss_value)
+    if finite:
+        loss.backward()
+        finite = all(
+            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in (state.images, state.labels, state.lr)
+        )
+    del loss
+    if not finite:
+        warnings.warn(
+            f"distill: iteration {it}: non-finite loss or gradient (loss {loss_value}, expert {expert}, "
+            f"start epoch {start_epoch}); update skipped, the set is unchanged",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    skipped = not finite or loss_value > config.matching.threshold
+    if not skipped:
+        state.opt_labels.step()
+        state.opt_images.step()
+        state.opt_lr.step()
+    return {
+        "loss": loss_value,
+        "start_epoch": start_epoch,
+        "expert": expert,
+        "lr": float(state.lr.detach()),
+        "skipped": skipped,
+        "nonfinite": not finite,
+        "seconds": time.perf_counter() - t0,
+        "peak_memory_gb": _peak_memory_gb(device),
+    }
+
+
 # ----- the loop ----------------------------------------------------------------------------------------
 def distill(
     data: ImageDataset,
     experts: Trajectories,
     config: DistillConfig,
     *,
+    data_spec: DataSpec | None = None,
     transform: Transform | None = None,
     evaluator: Evaluator | None = None,
     run_dir: str | Path | None = None,
@@ -361,12 +421,14 @@ def distill(
         data: the real dataset in the experts' training space (ZCA-whitened when ``config.zca``).
         experts: an expert buffer (``datm_fast.experts.ExpertBuffer`` or any :class:`Trajectories`).
         config: the DATM configuration (:func:`datm_fast.distill.config.load_config`).
+        data_spec: how ``data`` was made (``data, transform = data_spec.load()``): recorded in the run
+            directory's ``run.json``, so that ``datm-fast eval`` and ``report`` rebuild the same space.
         transform: the preprocessing of ``data``, to draw image grids in pixel space.
         evaluator: called as ``evaluator(images, labels, lr, seed)`` at the evaluation iterations;
             the best mean accuracy's set is kept. Without one, the last set is "best".
         run_dir: where checkpoints, sets, grids and ``metrics.jsonl`` go (``config.out_dir`` if None;
-            nothing is written when both are None).
-        resume: continue from ``run_dir/checkpoint.pt``; the result equals an uninterrupted run.
+            nothing is written when both are None). See :class:`~datm_fast.distill.rundir.RunDir`.
+        resume: continue from the run directory's checkpoint; the result equals an uninterrupted run.
         progress: show a progress bar.
         max_iterations: stop after this many iterations of this call (a budget; for tests and demos).
         callback: called with each metrics row.
@@ -378,181 +440,142 @@ def distill(
     Returns:
         :class:`DistilledSet` with the best images, labels and lr.
     """
-    device = resolve_device(config.device)
-    spec = convnet_spec_from_name(config.model, data.channels, data.num_classes, data.image_size)
+    device = resolve_device(config.run.device)
+    m = config.matching
+    spec = convnet_spec_from_name(m.model, data.channels, data.num_classes, data.image_size)
+    experts = _selected(experts, m.max_files, m.max_experts)
     validate_against(
         config,
         buffer_epochs=experts.num_epochs,
         class_sizes=data.class_counts("train").tolist(),
         class_names=data.classes,
     )
-    run_path = Path(run_dir) if run_dir is not None else (Path(config.out_dir) if config.out_dir else None)
+    where = run_dir if run_dir is not None else config.run.out_dir
+    run = RunDir(where) if where is not None else None
     if isinstance(loggers, str):
         loggers = [loggers]
     logger_names = check_logger_names([lg for lg in loggers if isinstance(lg, str)])
-    if "tensorboard" in logger_names and run_path is None:
+    if "tensorboard" in logger_names and run is None:
         raise ValueError("distill: tensorboard logging needs a run directory (run_dir or config.out_dir)")
-    if resume and (run_path is None or not (run_path / CHECKPOINT_NAME).exists()):
-        raise ValueError(f"resume: no {CHECKPOINT_NAME} in {run_path}")
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        config.to_yaml(run_path / "config.yaml")
+    if resume and (run is None or not run.has_checkpoint()):
+        raise ValueError(f"resume: no {RunDir.CHECKPOINT} in {where}")
+    if resume:
+        assert run is not None
+        _check_resumable(run, config)
+    if run is not None:
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.write_config(config)
+        run.write_record(RunRecord(data_spec, m.model, config.learning.ipc))
 
     images, labels = initialize_synthetic_set(data, experts, config, spec, device=device)
     images = images.detach().clone().requires_grad_(True)
     labels = labels.detach().clone().requires_grad_(True)
-    lr = torch.tensor(float(config.lr_teacher), device=device).requires_grad_(True)
+    lr = torch.tensor(float(config.learning.lr_teacher), device=device).requires_grad_(True)
+    learning = config.learning
     state = _State(
         images=images,
         labels=labels,
         lr=lr,
-        opt_images=torch.optim.SGD([images], lr=config.lr_img, momentum=0.5),
-        opt_lr=torch.optim.SGD([lr], lr=config.lr_lr, momentum=0.5),
-        opt_labels=torch.optim.SGD([labels], lr=config.lr_y, momentum=config.momentum_y),
+        opt_images=torch.optim.SGD([images], lr=learning.lr_img, momentum=0.5),
+        opt_lr=torch.optim.SGD([lr], lr=learning.lr_lr, momentum=0.5),
+        opt_labels=torch.optim.SGD([labels], lr=learning.lr_y, momentum=learning.momentum_y),
         iteration=0,
         best_accuracy=None,
         best_iteration=None,
     )
-    best = (images.detach().clone(), labels.detach().clone(), float(lr.detach()), state.iteration)
+    best = (*state.snapshot(), state.iteration)
     if resume:
-        assert run_path is not None
-        _load_checkpoint(run_path, state, config, device)
-        _truncate_metrics(run_path / METRICS_NAME, state.iteration)
+        assert run is not None
+        state.restore(run.load_checkpoint(), config.run.seed, run.file(RunDir.CHECKPOINT))
+        run.truncate_metrics(state.iteration)
         if state.best_iteration is not None:  # the best set so far lives in the run directory
-            best = (
-                *(torch.load(run_path / f"{n}_best.pt", weights_only=True).to(device) for n in ("images", "labels")),
-                float(torch.load(run_path / "lr_best.pt", weights_only=True)),
-                state.best_iteration,
-            )
+            kept = run.load_set("best")
+            best = (kept.images.to(device), kept.labels.to(device), float(kept.lr), state.best_iteration)
 
-    augment = DSAConfig(strategy=config.dsa_strategy) if config.dsa and not config.no_aug else None
-    batch_syn = config.batch_syn or len(images)
+    augment = DSAConfig(strategy=m.dsa_strategy) if m.dsa and not m.no_aug else None
+    problem = _Problem(spec, experts, config, augment, m.batch_syn or len(images), device)
     eval_its = set(eval_iterations(config)) if evaluator is not None else set()
-    last = config.iterations
+    last = config.schedule.iterations
     stop = last + 1 if max_iterations is None else min(last + 1, state.iteration + max_iterations)
     history: list[dict[str, Any]] = []
     active: list[MetricsLogger] = [lg for lg in loggers if not isinstance(lg, str)]
-    active += make_loggers(logger_names, run_path, config, resume_from=state.iteration if resume else None)
-    metrics_file = (run_path / METRICS_NAME).open("a") if run_path is not None else None
+    active += make_loggers(
+        logger_names, run.path if run else None, config, resume_from=state.iteration if resume else None
+    )
+    outputs = _Outputs(run, active, callback, transform, config)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=last + 1, initial=state.iteration, desc=f"distill {data.name} ipc {config.ipc}", unit="it")
+        bar = tqdm(total=last + 1, initial=state.iteration, desc=f"distill {data.name} ipc {learning.ipc}", unit="it")
     try:
         for it in range(state.iteration, stop):
             row: dict[str, Any] = {"iteration": it}
             if it in eval_its:
-                outcome = evaluator(
-                    images.detach().clone(),
-                    labels.detach().clone(),
-                    float(lr.detach()),
-                    derived_seed(config.seed, "eval", it),
-                )
+                outcome = evaluator(*state.snapshot(), derived_seed(config.run.seed, "eval", it))
                 row.update(eval_mean=outcome.mean, eval_std=outcome.std)
+                row.update({f"eval_mean_{name}": mean for name, mean in outcome.other_models})
                 if state.best_accuracy is None or outcome.mean > state.best_accuracy:
                     state.best_accuracy, state.best_iteration = outcome.mean, it
-                    best = (images.detach().clone(), labels.detach().clone(), float(lr.detach()), it)
-                    if run_path is not None:
-                        _save_set(run_path, "best", *best[:3])
-                        _save_grid(run_path / "images_best.png", best[0], transform, config.ipc)
-                        _log_grid(active, "images_best", run_path / "images_best.png", it)
-
-            t0 = time.perf_counter()
-            expert = expert_for_iteration(config.seed, it, experts.num_experts)
-            start_epoch = sample_start_epoch(config, it, _generator(config.seed, "start-epoch", it))
-            start = experts.params(expert, start_epoch).to(device)
-            target = experts.params(expert, start_epoch + config.expert_epochs).to(device)
-            loss = trajectory_matching_loss(
-                spec,
-                start,
-                target,
-                images,
-                labels,
-                lr,
-                syn_steps=config.syn_steps,
-                batch_syn=batch_syn,
-                augment=augment,
-                generator=_generator(config.seed, "unroll", it, device=device),
-                host_generator=_generator(config.seed, "unroll-host", it),
-                unroll=config.unroll,
-                micro_batch=config.micro_batch,
-                memory_budget=config.memory_budget_bytes,
-                backend=config.backend,
-            )
-            for opt in (state.opt_images, state.opt_lr, state.opt_labels):
-                opt.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
-            finite = math.isfinite(loss_value)
-            if finite:
-                loss.backward()
-                finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in (images, labels, lr))
-            del loss
-            if not finite:
-                warnings.warn(
-                    f"distill: iteration {it}: non-finite loss or gradient (loss {loss_value}, expert {expert}, "
-                    f"start epoch {start_epoch}); update skipped, the set is unchanged",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                skipped = True
-            elif loss_value <= config.threshold:
-                state.opt_labels.step()
-                state.opt_images.step()
-                state.opt_lr.step()
-                skipped = False
-            else:
-                skipped = True
-            seconds = time.perf_counter() - t0
-            row.update(
-                loss=loss_value,
-                start_epoch=start_epoch,
-                expert=expert,
-                lr=float(lr.detach()),
-                skipped=skipped,
-                nonfinite=not finite,
-                seconds=seconds,
-                peak_memory_gb=_peak_memory_gb(device),
-            )
+                    best = (*state.snapshot(), it)
+                    outputs.best(*best)
+            row.update(_match(problem, state, it))
             history.append(row)
-            if metrics_file is not None:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            for logger in active:
-                logger.log(row, it)
-            if callback is not None:
-                callback(row)
+            outputs.row(row)
             state.iteration = it + 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", start=start_epoch, lr=f"{float(lr.detach()):.2e}")
-            if run_path is not None and config.checkpoint_every and state.iteration % config.checkpoint_every == 0:
-                _save_set(run_path, str(it), images, labels, float(lr.detach()))
-                _save_grid(run_path / "images_latest.png", images, transform, config.ipc)
-                _log_grid(active, "images_latest", run_path / "images_latest.png", it)
-                _checkpoint(run_path, state, config)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", start=row["start_epoch"], lr=f"{row['lr']:.2e}")
+            every = config.schedule.checkpoint_every
+            if every and state.iteration % every == 0:
+                outputs.checkpoint(state, it, config.run.seed)
 
         if state.best_accuracy is None:  # no evaluation: the last set is the result
-            best = (images.detach().clone(), labels.detach().clone(), float(lr.detach()), state.iteration - 1)
-            if run_path is not None:
-                _save_set(run_path, "best", *best[:3])
-                _save_grid(run_path / "images_best.png", best[0], transform, config.ipc)
-                _log_grid(active, "images_best", run_path / "images_best.png", best[3])
+            best = (*state.snapshot(), state.iteration - 1)
+            outputs.best(*best)
     finally:
         if bar is not None:
             bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        _close_loggers(active)
-    if run_path is not None:
-        _checkpoint(run_path, state, config)
+        outputs.close()
+    if run is not None:
+        run.save_checkpoint(state.checkpoint(config.run.seed))
     return DistilledSet(
         images=best[0].cpu(),
         labels=best[1].cpu(),
         lr=best[2],
         iteration=best[3],
         best_accuracy=state.best_accuracy,
-        run_dir=run_path,
+        run_dir=run.path if run is not None else None,
         history=history,
     )
+
+
+def _check_resumable(run: RunDir, config: DistillConfig) -> None:
+    """Refuse to resume a run under a config that computes something else: every key but the placement
+    keys (device, backend, micro-batch, ...) and ``iterations`` (a longer run goes on as it was) must
+    equal the ``config.yaml`` the run was started with."""
+    path = run.file(RunDir.CONFIG)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            started = load_config(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot resume without the run's readable config ({exc})") from exc
+    differ = [k for k in config.differences(started) if k != "iterations"]
+    if differ:
+        shown = ", ".join(f"{k} ({started.to_dict()[k]!r} -> {config.to_dict()[k]!r})" for k in differ)
+        raise ValueError(f"{run.path}: the run was started with another config: {shown}; resume with its config")
+
+
+def _selected(experts: Trajectories, max_files: int | None, max_experts: int | None) -> Trajectories:
+    """The experts the config's ``max_files`` / ``max_experts`` keep (a buffer view), or all of them."""
+    if max_files is None and max_experts is None:
+        return experts
+    select = getattr(experts, "select", None)
+    if select is None:
+        raise ValueError(
+            f"max_files / max_experts need an expert buffer that can select files (ExpertBuffer), got "
+            f"{type(experts).__name__}"
+        )
+    return select(max_files=max_files, max_experts=max_experts)

@@ -50,9 +50,10 @@ function.
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -63,8 +64,10 @@ from ..backends import Backend
 from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
 from ..ops import conv2d, matching_loss, soft_cross_entropy
 from .explicit_step import gradient, reverse_step
+from .settings import Section, above, at_least, setting
 
 __all__ = [
+    "EngineOptions",
     "Unroll",
     "StepPlan",
     "UnrollPlan",
@@ -75,7 +78,57 @@ __all__ = [
 ]
 
 Unroll = Literal["exact", "full", "tesla"]
-UNROLLS: tuple[str, ...] = ("exact", "full", "tesla")
+UNROLLS: tuple[str, ...] = get_args(Unroll)
+
+
+@dataclass(frozen=True)
+class EngineOptions(Section):
+    """How the gradient of one unroll is computed: the ``engine`` section of :class:`DistillConfig`.
+
+    Passed whole from the config to :func:`trajectory_matching_loss`: a new option is a field here and
+    its use in the engine (the config key, its check, a ``datm-fast distill --flag`` and the report
+    follow from the field). Every option but ``unroll="tesla"`` leaves the gradient as it is, to float
+    rounding: they say how the work is done (``placement``), not what is computed.
+    """
+
+    unroll: Unroll = setting(
+        "exact",
+        own=True,
+        flag=True,
+        help="exact: the full gradient in constant memory; full: autograd through the whole unroll (the "
+        "reference); tesla: upstream's TESLA approximation",
+    )
+    backend: Backend = setting(
+        "auto", own=True, placement=True, flag=True, help="op backend (datm_fast.backend_info()); auto: the fastest"
+    )
+    fused: bool = setting(
+        True,
+        own=True,
+        placement=True,
+        help="run each instance norm -> ReLU -> avg pool block as the fused op (datm_fast.ops.norm_relu_pool) and "
+        "the convolutions as datm_fast.ops.conv2d; false: PyTorch's ops",
+    )
+    micro_batch: int | None = setting(
+        None,
+        own=True,
+        placement=True,
+        flag=True,
+        check=at_least(1),
+        help="most images per forward/backward chunk of an inner step (exact, tesla); null: auto (<= 256 MiB graph)",
+    )
+    memory_budget_gb: float | None = setting(
+        None,
+        own=True,
+        placement=True,
+        flag=True,
+        check=above(0),
+        help="GiB; exact runs the full-graph engine where its estimate fits (same gradient); null: never",
+    )
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """``memory_budget_gb`` in bytes (GiB = 2**30)."""
+        return None if self.memory_budget_gb is None else int(self.memory_budget_gb * 2**30)
 
 
 # ----- the plan: every random choice of one unroll, drawn before any arithmetic -------------------------
@@ -205,14 +258,14 @@ class _Kernels:
         return self.fused and spec.norm_relu_pool_blocks
 
 
-def _kernels(fused: bool, backend: Backend, device: torch.device) -> _Kernels:
+def _kernels(options: EngineOptions, device: torch.device) -> _Kernels:
     # The distance op's backend may be "triton", which the block op lacks: it then picks its own.
-    block_backend = backend if backend in ("torch", "cpp", "cuda") else "auto"
+    block_backend = options.backend if options.backend in ("torch", "cpp", "cuda") else "auto"
     # On CPU, oneDNN's convolutions are faster on channels_last activations, and the C++ block kernels
     # take them as they are. Measured 2026-12-03 (2 threads, exact engine, runs interleaved): CIFAR-10
     # IPC 10 at 8 steps 6.12 s against 6.63 s in NCHW with the fused kernels (8.5 against 10.1-10.7 s
     # with PyTorch's ops); IPC 1 at 80 steps 6.3-7.2 s against 6.9-7.6 s. The CUDA kernels are NCHW.
-    return _Kernels(fused, block_backend, channels_last=device.type == "cpu")
+    return _Kernels(options.fused, block_backend, channels_last=device.type == "cpu")
 
 
 class _ConvTap(NamedTuple):
@@ -352,7 +405,7 @@ def _full_unroll(
     labels: Tensor,
     lr: Tensor,
     plan: UnrollPlan,
-    backend: Backend,
+    options: EngineOptions,
     kernels: _Kernels,
 ) -> Tensor:
     theta = start.detach().requires_grad_(True)
@@ -362,7 +415,7 @@ def _full_unroll(
         loss = _step_loss(spec, params, x, y, step.augment, int(step.indices.numel()), kernels)
         (grad,) = torch.autograd.grad(loss, params, create_graph=True)
         params = params - lr * grad
-    return matching_loss(params, start.detach(), target.detach(), backend=backend)
+    return matching_loss(params, start.detach(), target.detach(), backend=options.backend)
 
 
 # On CPU, the theta_i of one unroll (CIFAR-10, 80 steps: 102 MB) get pages of their own. The CPU
@@ -473,21 +526,21 @@ class _CheckpointedUnroll(torch.autograd.Function):
     """exact and tesla: forward rolls out without a graph, backward replays each step."""
 
     @staticmethod
-    def forward(ctx, images, labels, lr, start, target, spec, plan, micro_batch, unroll, backend, kernels):
+    def forward(ctx, images, labels, lr, start, target, spec, plan, options, kernels):
         images_d, labels_d, lr_d = images.detach(), labels.detach(), lr.detach()
-        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, micro_batch, kernels)
+        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, options.micro_batch, kernels)
         with torch.enable_grad():
             final = theta_n.detach().requires_grad_(True)
-            loss = matching_loss(final, start.detach(), target.detach(), backend=backend)
+            loss = matching_loss(final, start.detach(), target.detach(), backend=options.backend)
             (lam,) = torch.autograd.grad(loss, final)
-        ctx.spec, ctx.plan, ctx.micro_batch, ctx.unroll, ctx.kernels = spec, plan, micro_batch, unroll, kernels
+        ctx.spec, ctx.plan, ctx.options, ctx.kernels = spec, plan, options, kernels
         ctx.save_for_backward(images_d, labels_d, lr_d, lam, thetas)
         return loss.detach()
 
     @staticmethod
     def backward(ctx, grad_loss):
         images, labels, lr, lam, thetas = ctx.saved_tensors
-        spec, plan, micro_batch, unroll = ctx.spec, ctx.plan, ctx.micro_batch, ctx.unroll
+        spec, plan, micro_batch, unroll = ctx.spec, ctx.plan, ctx.options.micro_batch, ctx.options.unroll
         need_x, need_y, need_lr = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         lam = lam * grad_loss
         grad_images = torch.zeros_like(images)
@@ -517,19 +570,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
                     grad_lr -= dot
             if exact:
                 lam = lam - lr * hvp
-        return (
-            grad_images if need_x else None,
-            grad_labels if need_y else None,
-            grad_lr if need_lr else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        grads = (grad_images, grad_labels, grad_lr)
+        return (*(g if need else None for g, need in zip(grads, (need_x, need_y, need_lr))), *[None] * 6)
 
 
 def trajectory_matching_loss(
@@ -546,11 +588,8 @@ def trajectory_matching_loss(
     generator: torch.Generator | None = None,
     host_generator: torch.Generator | None = None,
     plan: UnrollPlan | None = None,
-    unroll: Unroll = "exact",
-    micro_batch: int | None = None,
-    memory_budget: int | None = None,
-    backend: Backend = "auto",
-    fused: bool = True,
+    options: EngineOptions | None = None,
+    **option_changes: Any,
 ) -> Tensor:
     """DATM's matching loss of one unroll; ``loss.backward()`` fills the grads of images, labels, lr.
 
@@ -564,17 +603,22 @@ def trajectory_matching_loss(
         syn_steps, batch_syn, augment, generator, host_generator: draw the plan (see
             :func:`make_unroll_plan`) when ``plan`` is not given.
         plan: a pre-drawn :class:`UnrollPlan` (then the five arguments above are not needed).
-        unroll: ``"exact"`` (default), ``"full"`` (reference) or ``"tesla"`` (approximate).
-        micro_batch: split each step's batch into chunks of at most this many images in
-            ``exact``/``tesla``, so that memory does not grow with ``batch_syn``; ignored with batch
-            norm. None (default): :func:`auto_micro_batch`, the most images whose step graph fits in
-            256 MiB (30 for the CIFAR ConvNet; Tiny ImageNet's ConvNetD4: 7).
-        memory_budget: bytes; when :func:`estimate_full_unroll_bytes` fits in it, ``exact`` runs the
-            ``full`` engine instead (same gradient, less recomputation).
-        backend: backend of the fused ops (the distance, and the norm/ReLU/pool block).
-        fused: run each instance norm -> ReLU -> 2x2 average pool block of the student as one fused
-            op with fused backward and double-backward kernels (:func:`datm_fast.ops.norm_relu_pool`);
-            False runs PyTorch's ops. Same gradient to rounding; other architectures ignore it.
+        options: how the gradient is computed (:class:`EngineOptions`, default: its defaults), e.g. the
+            config's ``engine`` section. ``option_changes`` (``unroll="full"``, ``micro_batch=25``, ...)
+            replace single options:
+
+            * ``unroll``: ``"exact"`` (default), ``"full"`` (reference) or ``"tesla"`` (approximate);
+            * ``micro_batch``: split each step's batch into chunks of at most this many images in
+              ``exact``/``tesla``, so that memory does not grow with ``batch_syn``; ignored with batch
+              norm. None (default): :func:`auto_micro_batch`, the most images whose step graph fits in
+              256 MiB (30 for the CIFAR ConvNet; Tiny ImageNet's ConvNetD4: 7);
+            * ``memory_budget_gb``: when :func:`estimate_full_unroll_bytes` fits in it, ``exact`` runs
+              the ``full`` engine instead (same gradient, less recomputation);
+            * ``backend``: of the fused ops (the distance, and the norm/ReLU/pool block);
+            * ``fused``: run each instance norm -> ReLU -> 2x2 average pool block of the student as one
+              fused op with fused backward and double-backward kernels
+              (:func:`datm_fast.ops.norm_relu_pool`); False runs PyTorch's ops. Same gradient to
+              rounding; other architectures ignore it.
 
     Returns:
         The 0-dim loss ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2``.
@@ -588,8 +632,15 @@ def trajectory_matching_loss(
             theta = theta - lr * grad(loss, theta, create_graph=True)
         loss = ((theta - target) ** 2).sum() / ((start_params - target) ** 2).sum()
     """
-    if unroll not in UNROLLS:
-        raise ValueError(f"trajectory_matching_loss: unroll must be one of {', '.join(UNROLLS)}, got {unroll!r}")
+    options = options if options is not None else EngineOptions()
+    if option_changes:
+        unknown = sorted(set(option_changes) - {f.name for f in dataclasses.fields(EngineOptions)})
+        if unknown:
+            raise TypeError(f"trajectory_matching_loss: unknown engine option(s) {', '.join(unknown)}")
+        try:
+            options = options.replace(**option_changes)
+        except ValueError as exc:
+            raise ValueError(f"trajectory_matching_loss: {exc}") from None
     if images.dim() != 4 or tuple(images.shape[1:]) != spec.input_shape:
         raise ValueError(
             f"trajectory_matching_loss: images must be (M, {', '.join(map(str, spec.input_shape))}), "
@@ -608,8 +659,6 @@ def trajectory_matching_loss(
                 f"trajectory_matching_loss: {name} must have shape ({spec.num_params},) for {spec}, "
                 f"got {tuple(p.shape)}"
             )
-    if micro_batch is not None and micro_batch < 1:
-        raise ValueError(f"trajectory_matching_loss: micro_batch must be >= 1, got {micro_batch}")
     if plan is None:
         if syn_steps is None or batch_syn is None or generator is None:
             raise ValueError("trajectory_matching_loss: give either plan, or syn_steps, batch_syn and generator")
@@ -626,13 +675,12 @@ def trajectory_matching_loss(
     elif plan.num_images != images.shape[0]:
         raise ValueError(f"trajectory_matching_loss: plan is for {plan.num_images} images, got {images.shape[0]}")
 
-    if unroll == "exact" and memory_budget is not None:
+    budget = options.memory_budget_bytes
+    if options.unroll == "exact" and budget is not None:
         batch = max(int(s.indices.numel()) for s in plan.steps)
-        if estimate_full_unroll_bytes(spec, batch, len(plan), images.dtype) <= memory_budget:
-            unroll = "full"
-    kernels = _kernels(fused, backend, images.device)
-    if unroll == "full":
-        return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, backend, kernels)
-    return _CheckpointedUnroll.apply(
-        images, labels, lr, start_params, target_params, spec, plan, micro_batch, unroll, backend, kernels
-    )
+        if estimate_full_unroll_bytes(spec, batch, len(plan), images.dtype) <= budget:
+            options = options.replace(unroll="full")
+    kernels = _kernels(options, images.device)
+    if options.unroll == "full":
+        return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, options, kernels)
+    return _CheckpointedUnroll.apply(images, labels, lr, start_params, target_params, spec, plan, options, kernels)

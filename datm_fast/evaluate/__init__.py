@@ -4,7 +4,8 @@
   labels) with the set's lr and returns an :class:`EvalResult` (per-run test accuracies, mean ± std);
   :func:`evaluate_models` does it for a cross-architecture pool (:data:`EVAL_POOLS`).
 * :func:`evaluate_run_dir` evaluates a run directory (``images_best.pt``, ``labels_best.pt``,
-  ``lr_best.pt``, optional ``run.json``); :func:`load_synset` reads upstream-format files.
+  ``lr_best.pt``) on the data its ``run.json`` records (:func:`run_dataset`); :func:`load_synset`
+  reads upstream-format files.
 * :func:`random_real_baseline` and :func:`whole_dataset_baseline`: the same protocol on real data.
 * :class:`EvalConfig` holds the protocol (upstream's defaults) and how to run it: networks without
   batch norm train several runs at once on a GPU (``torch.func.vmap`` over stacked parameters),
@@ -25,6 +26,7 @@ Example::
 Importing this package starts no device and reads no file.
 """
 
+from ..distill.rundir import SyntheticSet, load_synset
 from .baselines import (
     BASELINE_LR,
     evaluate_against_random_real,
@@ -37,28 +39,13 @@ from .config import EVAL_POOLS, EvalConfig, EvalResult, resolve_models
 from .losses import train_loss
 from .protocol import check_lr, evaluate_models, evaluate_synset
 from .results import environment, format_table, write_results
-from .rundir import evaluate_run_dir
-from .synset import (
-    PREPROCESSING,
-    RUN_INFO_FILE,
-    RunInfo,
-    SyntheticSet,
-    find_synset_files,
-    load_eval_dataset,
-    load_run_dir,
-    load_synset,
-    read_run_info,
-    write_run_info,
-)
+from .rundir import evaluate_run_dir, run_dataset
 
 __all__ = [
     "BASELINE_LR",
     "EVAL_POOLS",
-    "PREPROCESSING",
-    "RUN_INFO_FILE",
     "EvalConfig",
     "EvalResult",
-    "RunInfo",
     "SyntheticSet",
     "check_lr",
     "environment",
@@ -67,17 +54,13 @@ __all__ = [
     "evaluate_run_dir",
     "evaluate_synset",
     "evaluator_on_test_set",
-    "find_synset_files",
     "format_table",
-    "load_eval_dataset",
-    "load_run_dir",
     "load_synset",
     "random_real_baseline",
     "random_real_subset",
-    "read_run_info",
     "resolve_models",
+    "run_dataset",
     "train_loss",
     "whole_dataset_baseline",
     "write_results",
-    "write_run_info",
 ]

@@ -3,7 +3,7 @@ train split. Both use hard labels and upstream's baseline lr (``lr_teacher`` = 0
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..data import ImageDataset
+from ..distill import EvalOutcome
 from ._engine import TrainSet
 from .config import EvalConfig, EvalResult
 from .protocol import DeviceLike, check_lr, check_models, evaluate_prepared, evaluate_synset
@@ -216,21 +217,34 @@ def evaluate_against_random_real(
     return distilled, baseline
 
 
-def evaluator_on_test_set(dataset: ImageDataset, config: EvalConfig, *, device: DeviceLike = None):
+def evaluator_on_test_set(
+    dataset: ImageDataset, config: EvalConfig, *, models: Sequence[str] = (), device: DeviceLike = None
+) -> Callable[[Tensor, Tensor, float, int], EvalOutcome]:
     """The distillation loop's evaluator (``datm_fast.distill.distill(..., evaluator=)``): trains
-    ``config.runs`` fresh models on the candidate set and tests them on ``dataset``'s test split,
-    seeded by the seed the loop passes, without a progress bar (the loop has its own).
+    ``config.runs`` fresh ``config.model`` networks on the candidate set and tests them on
+    ``dataset``'s test split, seeded by the seed the loop passes, without a progress bar (the loop has
+    its own). ``models``: more networks to evaluate the set with (upstream's ``eval_mode`` pool, see
+    ``datm_fast.distill.config.eval_models``); their means are reported, the set is chosen by
+    ``config.model``'s.
 
     Example::
 
         result = distill(data, buffer, cfg, evaluator=evaluator_on_test_set(data, EvalConfig(runs=2)))
     """
-    from ..distill.loop import EvalOutcome  # late: the distill package must import without this one
-
     ds = _check_dataset(dataset)
+    others = check_models(tuple(m for m in models if m != config.model))
 
     def evaluator(images: Tensor, labels: Tensor, lr: float, seed: int) -> EvalOutcome:
         result = _evaluate_on_test_split(images, labels, lr, ds, config, seed, device, progress=False)
-        return EvalOutcome(tuple(result.accuracies))
+        means = tuple(
+            (
+                m,
+                _evaluate_on_test_split(
+                    images, labels, lr, ds, config.replace(model=m), seed, device, progress=False
+                ).mean,
+            )
+            for m in others
+        )
+        return EvalOutcome(tuple(result.accuracies), means)
 
     return evaluator

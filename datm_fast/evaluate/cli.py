@@ -3,7 +3,7 @@ write the results as JSON.
 
 Examples::
 
-    datm-fast eval runs/c10-ipc10                               # run.json says dataset and preprocessing
+    datm-fast eval runs/c10-ipc10                               # run.json says which data (DataSpec)
     datm-fast eval logged/Normal --dataset cifar10 --data-root ../shared/data --zca --models M
     datm-fast eval images_5000.pt labels_5000.pt lr_5000.pt --dataset cifar10 --data-root DIR --zca
     datm-fast eval --baseline random-real --ipc 10 --dataset cifar10 --data-root DIR --zca --runs 5
@@ -39,7 +39,9 @@ def add_parser(subparsers: Any) -> None:
     )
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default=None, help="dataset name or path (default: from run.json)")
-    data.add_argument("--data-root", default=None, help="folder that dataset names resolve against")
+    data.add_argument(
+        "--data-root", default=None, help="folder dataset names resolve against (default: the one run.json records)"
+    )
     data.add_argument("--cache-dir", default=None, help="decoded-pixel and transform cache")
     data.add_argument("--zca", action="store_true", help="the set is ZCA-whitened (same as --preprocess zca)")
     data.add_argument(
@@ -100,13 +102,14 @@ def run_eval(args: argparse.Namespace) -> int:
     import torch
 
     from ..augment import DSAConfig
+    from ..data import DataSpec
+    from ..distill.rundir import RunDir, load_synset
     from ..utils import resolve_device, retain_freed_memory
     from .baselines import BASELINE_LR, random_real_baseline
     from .baselines import whole_dataset_baseline as whole_baseline
     from .config import EvalConfig, resolve_models
     from .protocol import check_models, evaluate_models
     from .results import format_table, write_results
-    from .synset import RunInfo, find_synset_files, load_eval_dataset, load_synset, read_run_info
 
     if args.zca and args.preprocess not in (None, "zca"):
         raise ValueError(f"--zca contradicts --preprocess {args.preprocess}")
@@ -135,9 +138,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError("--baseline needs --dataset")
         if args.baseline == "random-real" and args.ipc is None:
             raise ValueError("--baseline random-real needs --ipc")
-        info = RunInfo(dataset=args.dataset, preprocessing=preprocessing or "none", model=config.model)
+        data = DataSpec(args.dataset, root=args.data_root, preprocessing=preprocessing or "none")
         models = check_models(resolve_models(args.models) if args.models else (config.model,))
-        dataset = load_eval_dataset(info, args.data_root, cache_dir=args.cache_dir)
+        dataset, _ = data.load(cache_dir=args.cache_dir)
         lr = args.lr if args.lr is not None else BASELINE_LR
         results = []
         for m in models:
@@ -151,42 +154,44 @@ def run_eval(args: argparse.Namespace) -> int:
             results.append(res)
         suffix = f"_ipc{args.ipc}" if args.baseline == "random-real" else ""
         out = args.out or Path(f"eval_{args.baseline}_{Path(args.dataset).stem}{suffix}.json")
-        meta.update(baseline=args.baseline, ipc=args.ipc, dataset=args.dataset, preprocessing=info.preprocessing)
+        meta.update(baseline=args.baseline, ipc=args.ipc, data=data.to_json())
     else:
         if not args.inputs:
             raise ValueError("give a run directory or images_*.pt labels_*.pt [lr_*.pt] files (or --baseline)")
         paths = [Path(p) for p in args.inputs]
-        info = None
+        record = None
         if len(paths) == 1 and paths[0].is_dir():
-            images, labels, lr_file = find_synset_files(paths[0], args.tag)
-            info = read_run_info(paths[0])
-            out = args.out or paths[0] / f"eval_{args.tag}.json"
+            run = RunDir(paths[0])
+            images, labels, lr_file = run.find_set(args.tag)
+            record = run.read_record()
+            out = args.out or run.eval_results(args.tag)
             source = str(paths[0])
         else:
             images, labels, lr_file = _split_files(paths)
             out = args.out or images.parent / f"eval_{images.stem}.json"
             source = str(images)
         synset = load_synset(images, labels, lr_file)
-        name = args.dataset or (info.dataset if info else None)
-        if name is None:
-            raise ValueError(f"{source}: no run.json names the dataset; pass --dataset (and --data-root)")
-        if info is not None and args.dataset is not None and args.dataset != info.dataset:
-            raise ValueError(f"--dataset {args.dataset} contradicts {source}/run.json (dataset {info.dataset!r})")
-        if info is not None and preprocessing is not None and preprocessing != info.preprocessing:
-            raise ValueError(f"--preprocess {preprocessing} contradicts {source}/run.json ({info.preprocessing!r})")
-        if info is None:
+        data = record.data if record is not None else None
+        if data is not None:
+            if args.dataset is not None and args.dataset != data.dataset:
+                raise ValueError(f"--dataset {args.dataset} contradicts {source}/run.json (dataset {data.dataset!r})")
+            if preprocessing is not None and preprocessing != data.preprocessing:
+                raise ValueError(f"--preprocess {preprocessing} contradicts {source}/run.json ({data.preprocessing!r})")
+        else:
+            if args.dataset is None:
+                raise ValueError(f"{source}: no run.json names the dataset; pass --dataset (and --data-root)")
             if preprocessing is None:
                 raise ValueError(
                     f"{source}: no run.json says how the images were preprocessed; pass --zca, or --preprocess "
                     "normalize / none (test images must be in the set's space)"
                 )
-            info = RunInfo(dataset=name, preprocessing=preprocessing)
-        default_model = args.model or info.model
+            data = DataSpec(args.dataset, root=args.data_root, preprocessing=preprocessing)
+        default_model = args.model or (record.model if record is not None else "ConvNet")
         models = check_models(resolve_models(args.models) if args.models else (default_model,))
         lr = args.lr if args.lr is not None else synset.lr
         if lr is None:
             raise ValueError(f"{source}: no lr file; pass --lr")
-        dataset = load_eval_dataset(info, args.data_root, cache_dir=args.cache_dir)
+        dataset, _ = data.load(root=args.data_root, cache_dir=args.cache_dir)
         results = evaluate_models(
             synset.images,
             synset.labels,
@@ -201,7 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
             name=source,
             progress=not args.quiet,
         )
-        meta.update(source=source, dataset=info.dataset, preprocessing=info.preprocessing)
+        meta.update(source=source, data=data.to_json())
 
     print(format_table(results))
     for r in results:

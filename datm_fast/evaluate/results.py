@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from ..distill.rundir import PathLike
 from ..utils import atomic_write
 from .config import EvalConfig, EvalResult
-from .synset import PathLike
 
 __all__ = ["format_table", "environment", "write_results"]
 

@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Union
 
 import torch
 
 from ..data import ImageDataset
+from ..distill.rundir import PathLike, RunDir
 from .config import EvalConfig, EvalResult, resolve_models
 from .protocol import DeviceLike, evaluate_models
-from .synset import PathLike, load_eval_dataset, load_run_dir
 
-__all__ = ["evaluate_run_dir"]
+__all__ = ["evaluate_run_dir", "run_dataset"]
+
+
+def run_dataset(run: RunDir, *, data_root: PathLike | None = None, cache_dir: PathLike | None = None) -> ImageDataset:
+    """The data ``run``'s set was distilled from, rebuilt from its ``run.json`` (same draws, same fitted
+    preprocessing): the space its images live in. ``data_root`` overrides the recorded root (moved data)."""
+    record = run.read_record()
+    if record is None or record.data is None:
+        what = "no run.json" if record is None else "a run.json that names no data spec"
+        raise ValueError(
+            f"{run.path}: {what}; pass dataset= (an ImageDataset in the set's preprocessing), or --dataset and "
+            "--preprocess to datm-fast eval"
+        )
+    dataset, _ = record.data.load(root=data_root, cache_dir=cache_dir)
+    return dataset
 
 
 def evaluate_run_dir(
@@ -33,13 +46,12 @@ def evaluate_run_dir(
     """Evaluate ``images_<tag>.pt`` / ``labels_<tag>.pt`` / ``lr_<tag>.pt`` of a run directory.
 
     Args:
-        path: the run directory (see :mod:`datm_fast.evaluate.synset` for its layout).
+        path: the run directory (see :class:`~datm_fast.distill.rundir.RunDir`).
         config: the protocol (default :class:`EvalConfig`).
         generator: seeds every run (see :func:`evaluate_synset`).
-        dataset: the dataset to test on, already in the set's preprocessing. Without it, ``run.json``
-            must name the dataset and preprocessing, and the dataset is loaded from ``data_root`` (and
-            preprocessed, fits cached under ``cache_dir``).
-        data_root: where dataset names resolve (see :func:`datm_fast.data.load_dataset`).
+        dataset: the dataset to test on, already in the set's preprocessing. Without it, the data of the
+            run's ``run.json`` are rebuilt (:func:`run_dataset`; decoded pixels and fitted transforms
+            cached under ``cache_dir``), with ``data_root`` in place of the recorded root when given.
         models: a pool name (``"M"``), names, or None for ``config.model``.
         tag: which files (``best``, an iteration number, ...).
         lr: overrides the learned lr (required when there is no ``lr_<tag>.pt``).
@@ -52,20 +64,17 @@ def evaluate_run_dir(
     class count does not match the dataset.
     """
     config = config if config is not None else EvalConfig()
-    directory = Path(path)
-    synset, info = load_run_dir(directory, tag)
+    run = RunDir(path)
+    synset = run.load_set(tag)
     if dataset is None:
-        if info is None:
+        dataset = run_dataset(run, data_root=data_root, cache_dir=cache_dir)
+    else:
+        record = run.read_record()
+        if record is not None and record.data is not None and record.data.preprocessing != dataset.preprocessing:
             raise ValueError(
-                f"{directory}: no run.json naming the dataset and preprocessing; pass dataset= (an "
-                "ImageDataset in the set's preprocessing) or write run.json with write_run_info"
+                f"{run.file(RunDir.RECORD)}: the set is in preprocessing {record.data.preprocessing!r} but the "
+                f"dataset given is {dataset.preprocessing!r}; test images must be in the set's space"
             )
-        dataset = load_eval_dataset(info, data_root, cache_dir=cache_dir)
-    elif info is not None and info.preprocessing != dataset.preprocessing:
-        raise ValueError(
-            f"{directory / 'run.json'}: the set is in preprocessing {info.preprocessing!r} but the dataset "
-            f"given is {dataset.preprocessing!r}; test images must be in the set's space"
-        )
     if tuple(synset.images.shape[1:]) != (dataset.channels, *dataset.image_size):
         raise ValueError(
             f"{synset.source}: images are {tuple(synset.images.shape[1:])} but {dataset.name!r} images are "
@@ -78,7 +87,7 @@ def evaluate_run_dir(
         )
     lr_value = lr if lr is not None else synset.lr
     if lr_value is None:
-        raise ValueError(f"{directory}: no lr_{tag}.pt; pass lr= (the lr to train with)")
+        raise ValueError(f"{run.path}: no lr_{tag}.pt; pass lr= (the lr to train with)")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return evaluate_models(
@@ -92,6 +101,6 @@ def evaluate_run_dir(
         generator=generator,
         device=device,
         num_classes=dataset.num_classes,
-        name=str(directory),
+        name=str(run.path),
         progress=progress,
     )

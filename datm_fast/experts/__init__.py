@@ -15,12 +15,14 @@ Command line: ``datm-fast buffer`` (:func:`datm_fast.experts.cli.add_parser`).
 
 Example::
 
-    from datm_fast.experts import ExpertBuffer, ExpertConfig, build_buffer, prepare_dataset
+    from datm_fast.data import DataSpec
+    from datm_fast.experts import ExpertBuffer, ExpertConfig, build_buffer
     from datm_fast.models import convnet_spec_from_name
 
-    ds = prepare_dataset("cifar10", "../shared/data", preprocessing="zca")
+    data = DataSpec("cifar10", root="../shared/data", preprocessing="zca")
+    ds, _ = data.load()
     spec = convnet_spec_from_name("ConvNet", ds.channels, ds.num_classes, ds.image_size)
-    build_buffer("buffers/c10", ds, spec, ExpertConfig(epochs=50), num_experts=100, progress=True)
+    build_buffer("buffers/c10", ds, spec, ExpertConfig(epochs=50), num_experts=100, data_spec=data, progress=True)
     buf = ExpertBuffer.open("buffers/c10", spec=spec, dataset=ds)
     theta = buf.params(3, 20)           # (320010,)
 """
@@ -34,7 +36,7 @@ from .buffer import (
     expert_filename,
     infer_upstream_spec,
 )
-from .build import BuildSummary, build_buffer, prepare_dataset, subset_dataset
+from .build import BuildSummary, build_buffer
 from .config import OPTIMIZERS, ExpertConfig, expert_seed
 from .gsam import gsam_direction, gsam_perturbation, gsam_step, sgd_step
 from .train import EpochReport, ExpertTrainer, TrainedExpert
@@ -58,7 +60,5 @@ __all__ = [
     "gsam_perturbation",
     "gsam_step",
     "infer_upstream_spec",
-    "prepare_dataset",
     "sgd_step",
-    "subset_dataset",
 ]

@@ -38,6 +38,7 @@ upstream default). :func:`convert_upstream` writes them in the native format.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -51,7 +52,7 @@ from typing import Any, Callable, Literal, Union
 import torch
 from torch import Tensor
 
-from ..data import ImageDataset
+from ..data import DataSpec, ImageDataset
 from ..models import ConvNetSpec, convnet_spec_from_name
 from ..utils import atomic_write
 
@@ -226,6 +227,8 @@ class BufferWriter:
             else:
                 self.manifest = {**self.header, "identity": self.identity, "experts": {}}
             self.manifest["identity"] = self.identity
+            if "data" in self.header:  # where the data are now (not part of the identity: data move)
+                self.manifest["data"] = self.header["data"]
         except BaseException:
             self.close()
             raise
@@ -651,6 +654,32 @@ class ExpertBuffer:
         buf.num_epochs = int(num_epochs or 0)
         buf.expert_ids = tuple(range(len(buf._upstream)))
         return buf
+
+    @property
+    def data_spec(self) -> DataSpec | None:
+        """The data the experts were trained on (``build_buffer(data_spec=...)``), or None where the buffer
+        does not record it (upstream buffers, and native ones built from an in-memory dataset)."""
+        record = (self.manifest or {}).get("data")
+        return None if record is None else DataSpec.from_json(record, str(self.root / MANIFEST_NAME))
+
+    def select(self, *, max_files: int | None = None, max_experts: int | None = None) -> ExpertBuffer:
+        """A view of the experts in the first ``max_files`` files, the first ``max_experts`` of each
+        (upstream's ``max_files`` / ``max_experts``; a native file holds one expert). None: all."""
+        for name, value in (("max_files", max_files), ("max_experts", max_experts)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"ExpertBuffer.select: {name} must be an int >= 1 or None, got {value!r}")
+        files = max_files if max_files is not None else len(self.expert_ids) + 1
+        each = max_experts if max_experts is not None else len(self.expert_ids) + 1
+        view = copy.copy(self)
+        if self.kind == "native":
+            keep = list(range(min(files, len(self._native))))
+            view._native = [self._native[i] for i in keep]
+        else:
+            order = {f: n for n, f in enumerate(dict.fromkeys(f for f, _ in self._upstream))}
+            keep = [i for i, (f, local) in enumerate(self._upstream) if order[f] < files and local < each]
+            view._upstream = [self._upstream[i] for i in keep]
+        view.expert_ids = tuple(self.expert_ids[i] for i in keep)
+        return view
 
     # ----- checks ----------------------------------------------------------------------------------------
     @property

@@ -10,67 +10,15 @@ from typing import Any, Union
 import torch
 
 from ..backends import Backend
-from ..data import ImageDataset, load_dataset, preprocess
+from ..data import DataSpec, ImageDataset
 from ..models import ConvNetSpec
 from .buffer import BufferWriter, ExpertBuffer, dataset_info, spec_to_dict
 from .config import ExpertConfig
 from .train import EpochReport, ExpertTrainer, TrainedExpert
 
-__all__ = ["BuildSummary", "build_buffer", "prepare_dataset", "subset_dataset"]
+__all__ = ["BuildSummary", "build_buffer"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def subset_dataset(
-    dataset: ImageDataset, max_train: int | None = None, max_test: int | None = None, *, seed: int = 0
-) -> ImageDataset:
-    """A random subset of at most ``max_train`` train and ``max_test`` test images (for quick runs).
-
-    The images are drawn with a generator seeded ``seed`` (CIFAR files are stored class by class, so
-    the first N would be one class) and kept in their original order. The fingerprint records the
-    subset, so a buffer trained on it never passes for one trained on the whole split.
-    """
-
-    def pick(n: int, k: int | None, salt: int) -> torch.Tensor | None:
-        if k is None or k >= n:
-            return None
-        if k < 1:
-            raise ValueError(f"subset_dataset: subset sizes must be >= 1, got {k}")
-        g = torch.Generator().manual_seed(seed * 2 + salt)
-        return torch.randperm(n, generator=g)[:k].sort().values
-
-    tr = pick(int(dataset.train_labels.shape[0]), max_train, 0)
-    te = pick(int(dataset.test_labels.shape[0]), max_test, 1)
-    if tr is None and te is None:
-        return dataset
-    changes: dict[str, Any] = {}
-    if tr is not None:
-        changes.update(train_images=dataset.train_images[tr], train_labels=dataset.train_labels[tr])
-    if te is not None:
-        changes.update(test_images=dataset.test_images[te], test_labels=dataset.test_labels[te])
-    if dataset.fingerprint is not None:
-        changes["fingerprint"] = f"{dataset.fingerprint}+subset(train={max_train},test={max_test},seed={seed})"
-    return dataset.replace(**changes)
-
-
-def prepare_dataset(
-    name_or_path: PathLike,
-    root: PathLike | None = None,
-    *,
-    preprocessing: str = "zca",
-    cache_dir: PathLike | None = None,
-    max_train: int | None = None,
-    max_test: int | None = None,
-    seed: int = 0,
-) -> ImageDataset:
-    """Load a dataset, preprocess it as DATM does and optionally subsample it.
-
-    ``preprocessing``: ``"zca"`` (DATM's default for CIFAR / Tiny ImageNet; fitted on the whole train
-    split, before subsampling, as upstream fits it), ``"normalize"`` or ``"none"``.
-    """
-    ds = load_dataset(name_or_path, root, cache_dir=cache_dir)
-    ds, _ = preprocess(ds, preprocessing, cache_dir=cache_dir)  # type: ignore[arg-type]
-    return subset_dataset(ds, max_train, max_test, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -116,6 +64,7 @@ def build_buffer(
     num_experts: int,
     *,
     model_name: str = "ConvNet",
+    data_spec: DataSpec | None = None,
     device: Union[str, torch.device, None] = None,
     experts_per_batch: int | None = None,
     backend: Backend = "auto",
@@ -130,6 +79,8 @@ def build_buffer(
     buffer. A buffer made with another model, dataset (fingerprint) or config is refused with
     :class:`~datm_fast.experts.ExpertBufferError` naming the manifest and the difference.
 
+    ``data_spec``: how ``dataset`` was made (:meth:`DataSpec.load`); the manifest records it, so that a
+    distillation from the buffer rebuilds the same data (``ExpertBuffer.data_spec``).
     ``backend``: of the fused ConvNet block, see :class:`~datm_fast.experts.ExpertTrainer`.
     ``progress=True`` shows a tqdm bar (experts, epoch, ETA, current test accuracy) on stderr.
     """
@@ -142,6 +93,8 @@ def build_buffer(
         "num_epochs": config.epochs,
         "num_params": spec.num_params,
     }
+    if data_spec is not None:
+        header["data"] = data_spec.to_json()
     with BufferWriter(out, header) as writer:
         done = writer.finished(verify=verify_existing)
         todo = [i for i in range(num_experts) if i not in done]

@@ -25,8 +25,18 @@ __all__ = ["add_parser", "main"]
 _DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 
-def _preprocessing(args: argparse.Namespace) -> str:
-    return "zca" if args.zca else args.preprocess
+def _data_spec(args: argparse.Namespace, *, subsets: bool) -> Any:
+    """The data the arguments name (``datm_fast.data.DataSpec``): the buffer records it in its manifest."""
+    from ..data import DataSpec
+
+    return DataSpec(
+        args.dataset,
+        root=args.data_root,
+        preprocessing="zca" if args.zca else args.preprocess,
+        max_train=args.max_train_images if subsets else None,
+        max_test=args.max_test_images if subsets else None,
+        seed=args.seed if subsets else 0,
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -119,7 +129,6 @@ def add_parser(subparsers: Any) -> None:
 def _cmd_buffer(args: argparse.Namespace) -> int:
     from ..augment import DSAConfig
     from ..models import convnet_spec_from_name, default_convnet_name
-    from .build import prepare_dataset
     from .config import ExpertConfig
     from .train import resolve_device
 
@@ -153,15 +162,8 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     t0 = time.perf_counter()
-    ds = prepare_dataset(
-        args.dataset,
-        args.data_root,
-        preprocessing=_preprocessing(args),
-        cache_dir=args.cache_dir,
-        max_train=args.max_train_images,
-        max_test=args.max_test_images,
-        seed=args.seed,
-    )
+    data_spec = _data_spec(args, subsets=True)
+    ds, _ = data_spec.load(cache_dir=args.cache_dir)
     model = args.model or default_convnet_name(ds.image_size)
     spec = convnet_spec_from_name(model, ds.channels, ds.num_classes, ds.image_size)
     opt = (
@@ -181,14 +183,14 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     try:
-        summary = _build(args, ds, spec, config, model, device)
+        summary = _build(args, ds, spec, config, model, device, data_spec)
     except FloatingPointError as e:  # a diverged expert: report it like any other bad input
         raise RuntimeError(str(e)) from None
     print(summary.line())
     return 0
 
 
-def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str, device: Any) -> Any:
+def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str, device: Any, data_spec: Any) -> Any:
     from .build import build_buffer
 
     return build_buffer(
@@ -198,6 +200,7 @@ def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str
         config,
         args.experts,
         model_name=model,
+        data_spec=data_spec,
         device=device,
         experts_per_batch=args.experts_per_batch,
         backend=args.backend,
@@ -208,13 +211,10 @@ def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .buffer import ExpertBuffer, convert_upstream
-    from .build import prepare_dataset
 
     dataset = None
     if args.dataset is not None:
-        dataset = prepare_dataset(
-            args.dataset, args.data_root, preprocessing=_preprocessing(args), cache_dir=args.cache_dir
-        )
+        dataset, _ = _data_spec(args, subsets=False).load(cache_dir=args.cache_dir)
     src = ExpertBuffer.open(args.src, model=args.model)
     if dataset is not None:
         want = (dataset.channels, dataset.num_classes, dataset.image_size)
