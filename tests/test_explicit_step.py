@@ -46,7 +46,7 @@ def _setup(case, seed=0):
     lam = torch.randn(spec.num_params, generator=g, dtype=torch.float64)
     x = torch.randn(5, channels, px, px, dtype=torch.float64, generator=g)
     y = torch.randn(5, 4, dtype=torch.float64, generator=g)
-    kernels = unroll._Kernels(True, backend, channels_last)
+    kernels = unroll._Kernels(True, backend, channels_last, explicit=True)
     lam_parts = unroll._in_layout(unflatten_params(spec, lam), channels_last)
     leaves = unroll._leaves(spec, theta, channels_last)
     x_net = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -104,8 +104,10 @@ def test_gradient_equals_autograd(case):
 def test_only_the_fused_instance_norm_convnet_is_written_out():
     spec = ConvNetSpec(3, 10, 32)
     assert spec.norm_relu_pool_blocks
-    assert unroll._Kernels(True, "auto", False).written_out(spec)
-    assert not unroll._Kernels(False, "auto", False).written_out(spec)
+    assert unroll._Kernels(True, "auto", False, explicit=True).written_out(spec)
+    assert not unroll._Kernels(False, "auto", False, explicit=True).written_out(spec)
+    assert not unroll._Kernels(True, "auto", False, explicit=False).written_out(spec)  # step="autograd"
     for kwargs in ({"norm": "batch"}, {"norm": "none"}, {"activation": "sigmoid"}, {"pooling": "max"}):
         other = ConvNetSpec(3, 10, 32, **kwargs)
-        assert not other.norm_relu_pool_blocks and not unroll._Kernels(True, "auto", False).written_out(other), kwargs
+        written = unroll._Kernels(True, "auto", False, explicit=True).written_out(other)
+        assert not other.norm_relu_pool_blocks and not written, kwargs

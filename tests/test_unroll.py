@@ -54,14 +54,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("tap_min_reduction", [0, None], ids=["taps-every-layer", "taps-default"])
+@pytest.mark.parametrize("step", ["auto", "autograd"], ids=["steps-auto", "autograd-taps-every-layer"])
 @pytest.mark.parametrize("augment", [DSAConfig(), None], ids=["dsa", "no-dsa"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-d{c[1]}-b{c[7]}-mb{c[9]}" for c in CASES])
-def test_exact_equals_full_in_float64(case, augment, tap_min_reduction, monkeypatch):
-    # The test networks are narrow (width 5: reduction 45 after the first layer), below the default
-    # threshold of the conv-output identity: 0 takes it in every layer, padding 3 included.
-    if tap_min_reduction is not None:
-        monkeypatch.setattr(unroll_module, "_TAP_MIN_REDUCTION", tap_min_reduction)
+def test_exact_equals_full_in_float64(case, augment, step, monkeypatch):
+    # step auto: the written-out step for the fused instance-norm ConvNets, autograd for the others.
+    # step autograd: every network through autograd, with the conv-output identity in every layer: the
+    # test networks are narrow (width 5: reduction 45 after the first layer), below its default threshold.
+    if step == "autograd":
+        monkeypatch.setattr(unroll_module, "_TAP_MIN_REDUCTION", 0)
     norm, depth, act, pool, px, ch, n, batch_syn, steps, micro = case
     width = 4 if norm == "group" else 5
     spec = ConvNetSpec(ch, 3, px, width=width, depth=depth, norm=norm, activation=act, pooling=pool)
@@ -71,7 +72,7 @@ def test_exact_equals_full_in_float64(case, augment, tap_min_reduction, monkeypa
     )
     # The reference runs PyTorch's ops; exact runs the fused norm/ReLU/pool kernels (instance norm).
     full = _grads(spec, problem, plan, unroll="full", fused=False)
-    exact = _grads(spec, problem, plan, unroll="exact", micro_batch=micro)
+    exact = _grads(spec, problem, plan, unroll="exact", micro_batch=micro, step=step)
     assert abs(exact[0] - full[0]) <= 1e-12 * full[0]
     for name, got, ref in zip(("images", "labels", "lr"), exact[1:], full[1:]):
         assert ref.abs().max() > 0, f"the {name} gradient must not vanish in this problem"
@@ -128,25 +129,23 @@ def test_full_engine_is_upstreams_loop():
     assert _rel(x.grad, x_syn.grad) < 1e-10
 
 
-@pytest.mark.parametrize("step", ["explicit", "autograd"])
-def test_exact_reverse_step_runs_eight_convolutions_per_layer(step, monkeypatch):
+@pytest.mark.parametrize("step", ["auto", "autograd"])
+def test_exact_reverse_step_runs_eight_convolutions_per_layer(step):
     """The reverse step's cost: taking <grad, lam> through the conv outputs (the weight gradient's adjoint
     identity) leaves 8 convolutions per layer (forward, input gradient, the direction's conv, and their
     derivatives) where differentiating the weight gradients takes 9. In the first layer the explicit
     step runs 5 (no input gradient in the first derivative); the autograd step keeps the first
     layer's weight gradient (a 27-long reduction, below the identity's threshold): 6."""
-    if step == "autograd":
-        monkeypatch.setattr(unroll_module._Kernels, "written_out", lambda self, spec: False)
     spec = ConvNetSpec(3, 10, 16, width=8, depth=3)
     start, target, images, labels, lr = _problem(spec, 4, seed=3, dtype=torch.float32)
     syn_steps = 3
     g = torch.Generator().manual_seed(3)
     plan = make_unroll_plan(4, syn_steps, 2, image_size=(16, 16), augment=None, generator=g)
     x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
-    loss = trajectory_matching_loss(spec, start, target, x, y, a, plan=plan, unroll="exact", micro_batch=2)
+    loss = trajectory_matching_loss(spec, start, target, x, y, a, plan=plan, unroll="exact", micro_batch=2, step=step)
     with ConvCalls() as calls:
         loss.backward()
-    first_layer = 5 if step == "explicit" else 6
+    first_layer = 5 if step == "auto" else 6  # auto: the written-out step
     assert calls.kernels == syn_steps * (first_layer + 8 * (spec.depth - 1))
 
 

@@ -124,6 +124,14 @@ class EngineOptions(Section):
         check=above(0),
         help="GiB; exact runs the full-graph engine where its estimate fits (same gradient); null: never",
     )
+    step: Literal["auto", "autograd"] = setting(
+        "auto",
+        own=True,
+        placement=True,
+        flag=True,
+        help="auto: exact's steps written out kernel by kernel where the network allows (the fused "
+        "instance-norm ConvNet), else through autograd; autograd: always through autograd",
+    )
 
     @property
     def memory_budget_bytes(self) -> int | None:
@@ -252,10 +260,11 @@ class _Kernels:
     fused: bool
     backend: str  # of the fused block op: auto / torch / cpp / cuda
     channels_last: bool  # run the student on channels_last activations
+    explicit: bool  # write the steps out where the network allows (EngineOptions.step "auto")
 
     def written_out(self, spec: ConvNetSpec) -> bool:
         """Whether the steps run written out kernel by kernel (``explicit_step``): the fused blocks."""
-        return self.fused and spec.norm_relu_pool_blocks
+        return self.explicit and self.fused and spec.norm_relu_pool_blocks
 
 
 def _kernels(options: EngineOptions, device: torch.device) -> _Kernels:
@@ -265,7 +274,7 @@ def _kernels(options: EngineOptions, device: torch.device) -> _Kernels:
     # take them as they are. Measured 2026-12-03 (2 threads, exact engine, runs interleaved): CIFAR-10
     # IPC 10 at 8 steps 6.12 s against 6.63 s in NCHW with the fused kernels (8.5 against 10.1-10.7 s
     # with PyTorch's ops); IPC 1 at 80 steps 6.3-7.2 s against 6.9-7.6 s. The CUDA kernels are NCHW.
-    return _Kernels(options.fused, block_backend, channels_last=device.type == "cpu")
+    return _Kernels(options.fused, block_backend, device.type == "cpu", explicit=options.step == "auto")
 
 
 class _ConvTap(NamedTuple):
