@@ -15,7 +15,7 @@ with the same ``--out`` reuses the experts and the finished distillations.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,30 +24,36 @@ from .distill import DistillConfig, load_config
 from .evaluate import EvalConfig
 from .experts import ExpertConfig
 from .pipeline import IpcResult, prepare_experts, run_ipc
-from .utils import resolve_device
+from .utils import dataclass_arguments, dataclass_from_arguments, resolve_device
 
 __all__ = ["QuickstartConfig", "distill_config_for", "run_quickstart", "add_parser"]
 
 
+def _option(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class QuickstartConfig:
-    dataset: str = "digits"  # a dataset name or path (datm_fast.data.load_dataset)
-    data_root: str | None = None  # folder dataset names resolve against
-    out: str = "runs/quickstart"  # everything goes here: buffer/, ipc1/, ipc10/
-    model: str = "ConvNetW32"  # ConvNet width 32: 16x fewer conv FLOPs than width 128
-    ipcs: tuple[int, ...] = (1, 10)
-    experts: int = 4
-    expert_epochs_trained: int = 20  # epochs each expert is trained
-    expert_lr: float = 0.05  # SGD lr of the experts, and the student's initial lr (lr_teacher)
-    expert_batch: int = 64
-    iterations: int = 100  # distillation iterations per IPC
-    syn_steps: int = 20  # unrolled student steps per iteration
-    lr_img: float = 100.0  # SGD lr of the synthetic images (normalised pixel space)
-    eval_runs: int = 3
-    eval_epochs: int = 300
-    seed: int = 0
-    device: str = "auto"
-    preprocess: str = "auto"  # zca for RGB (as DATM), normalize for grey; or zca / normalize / none
+    """The quickstart's budget; ``datm-fast quickstart`` has an option for every field."""
+
+    dataset: str = _option("digits", "a dataset name or path (datm_fast.data.load_dataset); digits: bundled 8x8")
+    data_root: str | None = _option(None, "folder dataset names resolve against")
+    out: str = _option("runs/quickstart", "everything goes here: buffer/, ipc1/, ipc10/")
+    model: str = _option("ConvNetW32", "ConvNet width 32: 16x fewer conv FLOPs than width 128")
+    ipcs: tuple[int, ...] = _option((1, 10), "images per class, one distillation each")
+    experts: int = _option(4, "experts trained")
+    expert_epochs: int = _option(20, "epochs each expert is trained")
+    expert_lr: float = _option(0.05, "SGD lr of the experts, and the student's initial lr (lr_teacher)")
+    expert_batch: int = _option(64, "experts' batch size")
+    iterations: int = _option(100, "distillation iterations per IPC")
+    syn_steps: int = _option(20, "unrolled student steps per iteration")
+    lr_img: float = _option(100.0, "SGD lr of the synthetic images (normalised pixel space)")
+    eval_runs: int = _option(3, "networks trained on each set and baseline")
+    eval_epochs: int = _option(300, "their epochs")
+    seed: int = _option(0, "seeds the experts, the distillation and the evaluation")
+    device: str = _option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when available")
+    preprocess: str = _option("auto", "zca for RGB (as DATM), normalize for grey; or zca / normalize / none")
 
 
 def distill_config_for(
@@ -62,7 +68,7 @@ def distill_config_for(
     change (the conv op, 2026-12-03): near the experts' 91.6 % ceiling these windows are within
     evaluation noise of each other.
     """
-    trained = config.expert_epochs_trained
+    trained = config.expert_epochs
     if ipc <= 1:
         expert_epochs, min_start, max_start = 2, 0, 4
     else:
@@ -105,7 +111,7 @@ def run_quickstart(config: QuickstartConfig, *, progress: bool = True) -> list[I
         method = "zca" if load_dataset(config.dataset, root=config.data_root).channels == 3 else "normalize"
     data_spec = DataSpec(config.dataset, root=config.data_root, preprocessing=method)  # type: ignore[arg-type]
     expert_config = ExpertConfig(
-        epochs=config.expert_epochs_trained,
+        epochs=config.expert_epochs,
         optimizer="sgd",
         lr=config.expert_lr,
         batch_size=config.expert_batch,
@@ -155,43 +161,15 @@ def format_table(dataset: str, rows: list[IpcResult]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = QuickstartConfig(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        out=args.out,
-        model=args.model,
-        ipcs=tuple(int(v) for v in args.ipcs.split(",")),
-        experts=args.experts,
-        expert_epochs_trained=args.expert_epochs,
-        iterations=args.iterations,
-        syn_steps=args.syn_steps,
-        eval_runs=args.eval_runs,
-        eval_epochs=args.eval_epochs,
-        seed=args.seed,
-        device=args.device,
-    )
-    run_quickstart(config, progress=not args.quiet)
+    run_quickstart(dataclass_from_arguments(QuickstartConfig, args), progress=not args.quiet)
     return 0
 
 
 def add_parser(subparsers: Any) -> None:
-    d = QuickstartConfig()
     p = subparsers.add_parser(
         "quickstart",
         help="the whole pipeline in minutes on a CPU: experts, distillation at IPC 1 and 10, evaluation, report",
     )
-    p.add_argument("--dataset", default=d.dataset, help="default: scikit-learn's bundled 8x8 digits")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--out", default=d.out)
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--ipcs", default=",".join(map(str, d.ipcs)), help="comma-separated images per class")
-    p.add_argument("--experts", type=int, default=d.experts)
-    p.add_argument("--expert-epochs", type=int, default=d.expert_epochs_trained)
-    p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--syn-steps", type=int, default=d.syn_steps)
-    p.add_argument("--eval-runs", type=int, default=d.eval_runs)
-    p.add_argument("--eval-epochs", type=int, default=d.eval_epochs)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--quiet", action="store_true")
+    dataclass_arguments(p, QuickstartConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run)

@@ -322,8 +322,27 @@ def expert_epochs_needed(preset: ReproducePreset, ipcs: Sequence[int] = ()) -> i
 
 
 # ----- results ---------------------------------------------------------------------------------------------------
+class _ResultRow:
+    """JSON of a frozen result row: its fields plus ``gap`` (ours minus the paper's), and back."""
+
+    @property
+    def gap(self) -> float:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        d["gap"] = self.gap
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """Read :meth:`to_dict` output (JSON lists back to tuples; ``gap`` and unknown keys dropped)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
 @dataclass(frozen=True)
-class ReproduceRow:
+class ReproduceRow(_ResultRow):
     """One IPC's outcome. Accuracies are fractions in [0, 1], the paper's figures too."""
 
     ipc: int
@@ -347,22 +366,9 @@ class ReproduceRow:
         """Ours minus the paper's DATM figure (fraction; negative: under the paper)."""
         return self.distilled_mean - self.paper_datm
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["gap"] = self.gap
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ReproduceRow:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        for k in ("distilled_accuracies", "random_accuracies"):
-            kw[k] = tuple(kw[k])
-        return cls(**kw)
-
 
 @dataclass(frozen=True)
-class WholeDatasetRow:
+class WholeDatasetRow(_ResultRow):
     """The whole train split on the protocol (hard labels, lr 0.01). Fractions in [0, 1]."""
 
     mean: float
@@ -374,19 +380,8 @@ class WholeDatasetRow:
 
     @property
     def gap(self) -> float:
+        """Ours minus the paper's whole-dataset figure (fraction)."""
         return self.mean - self.paper
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["gap"] = self.gap
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> WholeDatasetRow:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in names}
-        kw["accuracies"] = tuple(kw["accuracies"])
-        return cls(**kw)
 
 
 @dataclass(frozen=True)

@@ -6,17 +6,30 @@ moment leaves either the old file or the new one, never a truncated file under t
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
+import dataclasses
 import os
 import sys
 import tempfile
+import types
+import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["atomic_write", "default_cache_dir", "peak_rss_bytes", "resolve_device", "retain_freed_memory"]
+__all__ = [
+    "atomic_write",
+    "dataclass_arguments",
+    "dataclass_from_arguments",
+    "default_cache_dir",
+    "peak_rss_bytes",
+    "resolve_device",
+    "retain_freed_memory",
+]
 
 
 @contextlib.contextmanager
@@ -137,3 +150,48 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+
+
+# ----- command-line options from a dataclass ------------------------------------------------------------
+def _option_type(tp: Any) -> Any:
+    """The argparse ``type`` of a field annotation: int, float, str, their Optionals, and tuples of them
+    (written comma-separated, ``--ipcs 1,10``)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _option_type(args[0])
+    if typing.get_origin(tp) is tuple:
+        item = args[0]
+
+        def comma_separated(text: str) -> tuple[Any, ...]:
+            try:
+                return tuple(item(v) for v in text.split(",") if v.strip())
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated {item.__name__}s, got {text!r}") from None
+
+        return comma_separated
+    if tp in (int, float, str):
+        return tp
+    raise TypeError(f"dataclass_arguments: unsupported field type {tp!r}")
+
+
+def dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """A ``--field-name`` option for every field of the dataclass ``cls`` (default: the field's default,
+    help: its ``metadata["help"]``), so that a new field is a new option; :func:`dataclass_from_arguments`
+    reads them back."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_option_type(hints[f.name]),
+            default=default,
+            help=f"{f.metadata.get('help', '')} (default: {shown})",
+        )
+
+
+def dataclass_from_arguments(cls: type, args: argparse.Namespace) -> Any:
+    """The dataclass ``cls`` from the options :func:`dataclass_arguments` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})

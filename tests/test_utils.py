@@ -108,3 +108,27 @@ def test_retain_freed_memory_stops_page_faults_on_reused_blocks():
     assert runs["default"][1] > 5 * 10_000  # each 64 MB allocation faults its pages in again
     # The freed block is reused: measured 16,384 faults in all (one block's pages) against 81,920.
     assert 3 * runs["retain"][1] < runs["default"][1], runs
+
+
+def test_dataclass_options_round_trip():
+    """Every field becomes an option (help from its metadata); a new field is a new option."""
+    import argparse
+    from dataclasses import dataclass, field
+
+    from datm_fast.utils import dataclass_arguments, dataclass_from_arguments
+
+    @dataclass(frozen=True)
+    class Budget:
+        runs: int = field(default=3, metadata={"help": "networks per set"})
+        lr: float = 0.01
+        root: str | None = None
+        ipcs: tuple[int, ...] = (1, 10)
+
+    parser = argparse.ArgumentParser()
+    dataclass_arguments(parser, Budget)
+    assert dataclass_from_arguments(Budget, parser.parse_args([])) == Budget()
+    args = parser.parse_args(["--runs", "5", "--root", "/data", "--ipcs", "1,50", "--lr", "1e-3"])
+    assert dataclass_from_arguments(Budget, args) == Budget(5, 1e-3, "/data", (1, 50))
+    assert "networks per set (default: 3)" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--ipcs", "1,ten"])

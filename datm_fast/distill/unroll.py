@@ -81,6 +81,11 @@ Unroll = Literal["exact", "full", "tesla"]
 UNROLLS: tuple[str, ...] = get_args(Unroll)
 
 
+def _placement(default: Any, *, help: str, check: Any = None, flag: bool = True) -> Any:
+    """An engine option that changes how the gradient is computed, not what it is (placement)."""
+    return setting(default, own=True, placement=True, flag=flag, check=check, help=help)
+
+
 @dataclass(frozen=True)
 class EngineOptions(Section):
     """How the gradient of one unroll is computed: the ``engine`` section of :class:`DistillConfig`.
@@ -98,37 +103,25 @@ class EngineOptions(Section):
         help="exact: the full gradient in constant memory; full: autograd through the whole unroll (the "
         "reference); tesla: upstream's TESLA approximation",
     )
-    backend: Backend = setting(
-        "auto", own=True, placement=True, flag=True, help="op backend (datm_fast.backend_info()); auto: the fastest"
-    )
-    fused: bool = setting(
+    backend: Backend = _placement("auto", help="op backend (datm_fast.backend_info()); auto: the fastest")
+    fused: bool = _placement(
         True,
-        own=True,
-        placement=True,
+        flag=False,
         help="run each instance norm -> ReLU -> avg pool block as the fused op (datm_fast.ops.norm_relu_pool) and "
         "the convolutions as datm_fast.ops.conv2d; false: PyTorch's ops",
     )
-    micro_batch: int | None = setting(
+    micro_batch: int | None = _placement(
         None,
-        own=True,
-        placement=True,
-        flag=True,
         check=at_least(1),
         help="most images per forward/backward chunk of an inner step (exact, tesla); null: auto (<= 256 MiB graph)",
     )
-    memory_budget_gb: float | None = setting(
+    memory_budget_gb: float | None = _placement(
         None,
-        own=True,
-        placement=True,
-        flag=True,
         check=above(0),
         help="GiB; exact runs the full-graph engine where its estimate fits (same gradient); null: never",
     )
-    step: Literal["auto", "autograd"] = setting(
+    step: Literal["auto", "autograd"] = _placement(
         "auto",
-        own=True,
-        placement=True,
-        flag=True,
         help="auto: exact's steps written out kernel by kernel where the network allows (the fused "
         "instance-norm ConvNet), else through autograd; autograd: always through autograd",
     )

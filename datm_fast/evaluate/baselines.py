@@ -67,6 +67,31 @@ def random_real_subset(dataset: ImageDataset, ipc: int, *, generator: torch.Gene
     return ds.train_images[sel], labels[sel]
 
 
+def _evaluate_real(
+    dataset: ImageDataset,
+    training_set: Callable[[ImageDataset, EvalConfig, torch.device], TrainSet],
+    config: EvalConfig | None,
+    *,
+    generator: torch.Generator,
+    lr: float,
+    device: DeviceLike,
+    name: str,
+    progress: bool,
+) -> EvalResult:
+    """A real-data baseline: ``training_set(dataset, config, device)`` (drawn from ``generator`` before
+    the runs' seeds) trained with hard labels on the protocol, tested on ``dataset``'s test split."""
+    config = config if config is not None else EvalConfig()
+    check_models((config.model,))
+    ds = _check_dataset(dataset)
+    lr_value = check_lr(lr)
+    dev = torch.device(device) if device is not None else ds.train_images.device
+    data = training_set(ds, config, dev)
+    return evaluate_prepared(
+        data, lr_value, ds.test_images, ds.test_labels, ds.num_classes, config,
+        generator=generator, device=dev, name=name, progress=progress,
+    )  # fmt: skip
+
+
 def random_real_baseline(
     dataset: ImageDataset,
     ipc: int,
@@ -84,28 +109,15 @@ def random_real_baseline(
     ``dataset`` must already be in the preprocessing the comparison uses (e.g. ZCA, as DATM). The
     test split is ``dataset.test_*``.
     """
-    config = config if config is not None else EvalConfig()
-    check_models((config.model,))
-    ds = _check_dataset(dataset)
-    lr_value = check_lr(lr)
-    dev = torch.device(device) if device is not None else ds.train_images.device
-    subsets = [random_real_subset(ds, ipc, generator=generator) for _ in range(config.runs)]
-    data = TrainSet(
-        torch.stack([x for x, _ in subsets]).to(dev, torch.float32),
-        torch.stack([y for _, y in subsets]).to(dev),
-        per_run=True,
-    )
-    return evaluate_prepared(
-        data,
-        lr_value,
-        ds.test_images,
-        ds.test_labels,
-        ds.num_classes,
-        config,
-        generator=generator,
-        device=dev,
-        name=f"random-real {ds.name} ipc {ipc}",
-        progress=progress,
+
+    def subsets(ds: ImageDataset, cfg: EvalConfig, dev: torch.device) -> TrainSet:
+        drawn = [random_real_subset(ds, ipc, generator=generator) for _ in range(cfg.runs)]
+        images = torch.stack([x for x, _ in drawn]).to(dev, torch.float32)
+        return TrainSet(images, torch.stack([y for _, y in drawn]).to(dev), per_run=True)
+
+    name = f"random-real {getattr(dataset, 'name', '?')} ipc {ipc}"
+    return _evaluate_real(
+        dataset, subsets, config, generator=generator, lr=lr, device=device, name=name, progress=progress
     )
 
 
@@ -123,23 +135,13 @@ def whole_dataset_baseline(
     The protocol's 1000 epochs are many for a whole split (CIFAR-10: 196 steps per epoch at batch
     256); pass a config with fewer (upstream's baseline script was run with 200 and more).
     """
-    config = config if config is not None else EvalConfig()
-    check_models((config.model,))
-    ds = _check_dataset(dataset)
-    lr_value = check_lr(lr)
-    dev = torch.device(device) if device is not None else ds.train_images.device
-    data = TrainSet(ds.train_images.to(dev, torch.float32).contiguous(), ds.train_labels.to(dev))
-    return evaluate_prepared(
-        data,
-        lr_value,
-        ds.test_images,
-        ds.test_labels,
-        ds.num_classes,
-        config,
-        generator=generator,
-        device=dev,
-        name=f"whole {ds.name}",
-        progress=progress,
+
+    def whole(ds: ImageDataset, cfg: EvalConfig, dev: torch.device) -> TrainSet:
+        return TrainSet(ds.train_images.to(dev, torch.float32).contiguous(), ds.train_labels.to(dev))
+
+    name = f"whole {getattr(dataset, 'name', '?')}"
+    return _evaluate_real(
+        dataset, whole, config, generator=generator, lr=lr, device=device, name=name, progress=progress
     )
 
 

@@ -6,7 +6,7 @@ import difflib
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -228,34 +228,17 @@ def evaluate_models(
     test_labels: Tensor,
     models: Union[str, Sequence[str]],
     config: EvalConfig | None = None,
-    *,
-    generator: torch.Generator,
-    device: DeviceLike = None,
-    num_classes: int | None = None,
-    name: str = "",
-    progress: bool = True,
+    **options: Any,
 ) -> list[EvalResult]:
     """:func:`evaluate_synset` for each model of a cross-architecture pool, in order.
 
     ``models`` is a pool name (``"M"``: ConvNet, AlexNet, VGG11, ResNet18; see
     :data:`~datm_fast.evaluate.EVAL_POOLS`), a comma-separated string or a list of names;
-    ``config.model`` is replaced by each in turn. The models draw their seeds from ``generator`` in turn.
+    ``config.model`` is replaced by each in turn. ``options`` are :func:`evaluate_synset`'s keywords
+    (``generator`` required); the models draw their seeds from ``generator`` in turn.
     """
     config = config if config is not None else EvalConfig()
     names = check_models(resolve_models(models))
     return [
-        evaluate_synset(
-            images,
-            labels,
-            lr,
-            test_images,
-            test_labels,
-            config.replace(model=m),
-            generator=generator,
-            device=device,
-            num_classes=num_classes,
-            name=name,
-            progress=progress,
-        )
-        for m in names
+        evaluate_synset(images, labels, lr, test_images, test_labels, config.replace(model=m), **options) for m in names
     ]

@@ -50,6 +50,7 @@ __all__ = [
     "apply_activation",
     "apply_pooling",
     "ConvNet",
+    "convnet_apply",
     "convnet_forward",
     "init_flat_params",
     "unflatten_params",
