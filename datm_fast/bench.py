@@ -11,6 +11,7 @@ default of the command): one process's peak would otherwise hide the next one's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -24,11 +25,20 @@ from typing import Any
 import torch
 
 from .augment import DSAConfig
-from .distill.unroll import trajectory_matching_loss
+from .distill.unroll import EngineOptions, trajectory_matching_loss
 from .models import ConvNetSpec, init_flat_params
 from .utils import peak_rss_bytes
 
-__all__ = ["BenchShape", "SHAPES", "UPSTREAM", "BenchResult", "run_bench", "run_bench_isolated", "check_exact"]
+__all__ = [
+    "BenchShape",
+    "SHAPES",
+    "UPSTREAM",
+    "BenchResult",
+    "engine_options",
+    "run_bench",
+    "run_bench_isolated",
+    "check_exact",
+]
 
 
 @dataclass(frozen=True)
@@ -132,7 +142,26 @@ def _problem(shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: 
     return spec, start, target, images.to(device), labels.to(device), lr.to(device)
 
 
-def _iteration(spec, problem, shape, engine, micro_batch, seed, device, backend, fused=True):
+def engine_options(engine: str, *, micro_batch: int | None = None, backend: str = "auto") -> EngineOptions:
+    """The engine options a benchmark ``engine`` names: ``full``, ``exact`` or ``tesla``, optionally with
+    option changes after a colon, ``exact:fused=false,step=autograd`` (any :class:`EngineOptions` field;
+    values are read as the config reads them). ``micro_batch`` and ``backend`` apply unless the name sets them.
+    """
+    unroll, _, rest = engine.partition(":")
+    changes: dict[str, str] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"engine {engine!r}: expected NAME or NAME:option=value,..., got {item!r}")
+        changes[key.strip()] = value.strip()
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(EngineOptions)})
+    if unknown:
+        raise ValueError(f"engine {engine!r}: unknown engine option(s) {', '.join(unknown)}")
+    base = {"micro_batch": micro_batch, "backend": backend}
+    return EngineOptions(**{**base, "unroll": unroll, **changes})  # type: ignore[arg-type]
+
+
+def _iteration(spec, problem, shape, options: EngineOptions, seed, device):
     start, target, images, labels, lr = problem
     x, y, a = (t.detach().clone().requires_grad_() for t in (images, labels, lr))
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -149,10 +178,7 @@ def _iteration(spec, problem, shape, engine, micro_batch, seed, device, backend,
         augment=DSAConfig(),
         generator=gen,
         host_generator=host,
-        unroll=engine,
-        micro_batch=micro_batch,
-        backend=backend,
-        fused=fused,
+        options=options,
     )
     loss.backward()
     return loss.detach(), x.grad, y.grad, a.grad
@@ -168,12 +194,10 @@ def run_bench(
     micro_batch: int | None = None,
     backend: str = "auto",
     seed: int = 0,
-    fused: bool = True,
 ) -> BenchResult:
-    """Time ``iterations`` distillation iterations of ``engine`` at ``shape`` in this process.
-
-    ``fused=False`` runs the student's norm/ReLU/pool blocks with PyTorch's ops instead of the fused op.
-    """
+    """Time ``iterations`` distillation iterations of ``engine`` (see :func:`engine_options`: ``exact``,
+    ``exact:fused=false``, ...) at ``shape`` in this process."""
+    options = engine_options(engine, micro_batch=micro_batch, backend=backend)
     device = torch.device(device)
     result = BenchResult(
         shape.name, engine, str(device), shape.syn_steps, shape.batch_syn, shape.num_images, micro_batch
@@ -187,7 +211,7 @@ def run_bench(
         for i in range(warmup + iterations):
             sync()
             t0 = time.perf_counter()
-            _iteration(spec, problem, shape, engine, micro_batch, seed + i, device, backend, fused)
+            _iteration(spec, problem, shape, options, seed + i, device)
             sync()
             if i >= warmup:
                 result.seconds.append(time.perf_counter() - t0)
@@ -250,8 +274,8 @@ def check_exact(
     """
     device = torch.device(device)
     spec, *problem = _problem(shape, device, dtype, seed)
-    full = _iteration(spec, problem, shape, "full", None, seed, device, "auto")
-    exact = _iteration(spec, problem, shape, "exact", micro_batch, seed, device, "auto")
+    full = _iteration(spec, problem, shape, engine_options("full"), seed, device)
+    exact = _iteration(spec, problem, shape, engine_options("exact", micro_batch=micro_batch), seed, device)
     names = ("loss", "images", "labels", "lr")
     return {n: float((e - f).norm() / f.norm()) for n, e, f in zip(names, exact, full)}
 

@@ -59,13 +59,6 @@ def test_conv2d_matches_pytorch_to_second_order_in_float64(case, channels_last):
         assert _max_rel(a, b) < 1e-12, name
 
 
-def test_conv2d_gradcheck_and_gradgradcheck():
-    x, weight, bias = _inputs((2, 3, 4, 5, 6, 1))
-    fn = lambda x, w, b: conv2d(x, w, b, 1)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (x, weight, bias))
-    assert torch.autograd.gradgradcheck(fn, (x, weight, bias))
-
-
 def test_conv2d_float32_close_to_float64():
     case = (4, 8, 16, 16, 16, 1)
     ours = _two_orders(conv2d, *_inputs(case, torch.float32, channels_last=True), 1)

@@ -1,0 +1,37 @@
+"""`datm-fast bench`: engines (with their options) timed at a paper shape, the exact check first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from datm_fast.bench import engine_options
+from datm_fast.cli import main
+
+
+def test_engine_names_carry_engine_options():
+    assert engine_options("exact").unroll == "exact" and engine_options("exact").step == "auto"
+    options = engine_options("exact:fused=false,step=autograd", micro_batch=5)
+    assert (options.fused, options.step, options.micro_batch) == (False, "autograd", 5)
+    assert engine_options("tesla:micro_batch=3", micro_batch=5).micro_batch == 3  # the name wins
+    with pytest.raises(ValueError, match="unknown engine option.*colour"):
+        engine_options("exact:colour=red")
+    with pytest.raises(ValueError, match="unroll must be one of"):
+        engine_options("fast")
+
+
+def test_bench_command_writes_a_row_per_engine(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--configs", "cifar10-ipc1", "--steps-scale", "0.025", "--iterations", "1", "--warmup", "0"]
+    assert (
+        main([*args, "--engines", "full;exact:step=autograd", "--no-isolate", "--device", "cpu", "--json", str(out)])
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "exact vs full at cifar10-ipc1 in float64" in printed and "passes" in printed
+    assert "| cifar10-ipc1 | 10 x 2 | exact:step=autograd |" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert [r["engine"] for r in rows] == ["full", "exact:step=autograd"] and all(r["mean_s"] > 0 for r in rows)
+    assert main([*args, "--engines", "exact:colour=red"]) == 2
+    assert "unknown engine option(s) colour" in capsys.readouterr().err
