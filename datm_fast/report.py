@@ -49,9 +49,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import torch
+
+from ._version import __version__
 from .distill.config import SECTIONS, DistillConfig, load_config, start_epoch_upper
 from .distill.rundir import Metrics, RunDir, RunRecord, read_metrics
 from .utils import atomic_write
+from .viz import save_image_grid
 
 __all__ = [
     "Metrics",
@@ -528,10 +532,6 @@ def _save_figure(fig: Any, path: Path) -> None:
 # ----- image grid --------------------------------------------------------------------------------------
 def _render_grid(run: RunDir, path: Path, *, preprocessing: str | None, ipc: int | None) -> str:
     """Draw ``images_best.pt`` as a grid at ``path``; returns how it was drawn (for the report)."""
-    import torch
-
-    from .viz import save_image_grid
-
     images_file, labels_file, _ = run.set_files("best")
     images = torch.load(images_file, map_location="cpu", weights_only=True)
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
@@ -603,8 +603,6 @@ def render(facts: RunFacts, summary: Summary, md_path: Path) -> str:
             notes.append(f"`{images_file.name}` could not be drawn ({exc})")
     else:
         notes.append(f"no `{run_grid.name}` or `{images_file.name}` yet: no image grid")
-
-    from . import __version__
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     name = run.path.resolve().name

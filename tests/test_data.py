@@ -22,6 +22,7 @@ from PIL import Image
 import datm_fast.data.loading as loading
 from datm_fast.data import (
     DatasetError,
+    DataSpec,
     ImageDataset,
     Normalize,
     ZCAWhitening,
@@ -29,6 +30,7 @@ from datm_fast.data import (
     long_tail_counts,
     long_tailed,
     preprocess,
+    subset_dataset,
 )
 from datm_fast.data import transforms as transforms_mod
 
@@ -949,3 +951,36 @@ def test_bundled_digits_need_no_files():
     assert counts.tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]  # scikit-learn's digits
     again = load_dataset("DIGITS")
     assert torch.equal(again.train_images, ds.train_images) and again.fingerprint == ds.fingerprint
+
+
+# ----- the data contract ------------------------------------------------------------------------------------
+def test_data_spec_rebuilds_the_same_space_in_one_order(tmp_path):
+    """load -> long tail -> subset -> fit the preprocessing on the train split left: ZCA fitted on the
+    subset, never on the full split (a subset run tested in the full split's whitening is wrong)."""
+    pytest.importorskip("sklearn", reason="the bundled digits need scikit-learn")
+    spec = DataSpec("digits", preprocessing="zca", long_tail=2.0, max_train=300, max_test=100, seed=3)
+    data, zca = spec.load(cache_dir=tmp_path)
+    raw = load_dataset("digits")
+    step = subset_dataset(long_tailed(raw, 2.0, seed=3), 300, 100, seed=3)
+    want, want_zca = preprocess(step, "zca", cache=False)
+    assert torch.equal(data.train_images, want.train_images) and torch.equal(data.test_images, want.test_images)
+    assert torch.equal(data.train_labels, want.train_labels) and data.fingerprint == want.fingerprint
+    whole, _ = preprocess(raw, "zca", cache=False)  # fitted on the whole split: another space
+    assert not torch.allclose(zca(raw.test_images[:5]), whole.test_images[:5], atol=1e-3)
+    again, _ = spec.load(cache_dir=tmp_path)  # the fit is cached under the subset's fingerprint
+    assert torch.equal(again.test_images, data.test_images)
+
+
+def test_data_spec_round_trips_and_names_bad_records(tmp_path):
+    spec = DataSpec("data/x.npz", root=tmp_path, preprocessing="normalize", max_train=10)
+    assert spec.root == str(tmp_path.resolve()) and spec.dataset == str((tmp_path / "data" / "x.npz").resolve())
+    assert DataSpec.from_json(spec.to_json()) == spec
+    assert DataSpec("cifar10").dataset == "cifar10"  # names stay names
+    with pytest.raises(ValueError, match="run.json: unknown data spec keys \\['colour'\\]"):
+        DataSpec.from_json({**spec.to_json(), "colour": 1}, "run.json")
+    with pytest.raises(ValueError, match="DataSpec.preprocessing must be one of"):
+        DataSpec("cifar10", preprocessing="whiten")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="DataSpec.max_train must be an int >= 1 or None"):
+        DataSpec("cifar10", max_train=0)
+    with pytest.raises(ValueError, match="DataSpec.long_tail must be None or a number >= 1"):
+        DataSpec("cifar10", long_tail=0.5)

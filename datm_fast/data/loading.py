@@ -14,6 +14,7 @@ import torch
 from ..utils import default_cache_dir
 from ._dataset import DatasetError, ImageDataset, from_uint8
 from ._layouts import RawDataset, Source, canonical_name, detect_source, read_source
+from .bundled import BUNDLED
 from .cache import dataset_cache_path, read_cached, source_fingerprint, write_cached
 
 __all__ = ["DATASET_NAMES", "load_dataset", "resolve_source"]
@@ -179,8 +180,6 @@ def load_dataset(
         ds = load_dataset("cifar10", root="/work/shared/data")
         ds.train_images.shape  # torch.Size([50000, 3, 32, 32])
     """
-    from .bundled import BUNDLED
-
     if isinstance(name_or_path, str) and name_or_path.lower() in BUNDLED:
         return BUNDLED[name_or_path.lower()]()  # ships inside a package: nothing to resolve or cache
     source = resolve_source(name_or_path, root, download=download)

@@ -74,7 +74,10 @@ from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hint
 
 import yaml
 
+from ..augment import DSA_GROUPS
 from ..data import DataSpec
+from ..models import EVAL_POOLS, network_names
+from ..utils import atomic_write
 from .settings import (
     ConfigError,
     ConfigWarning,
@@ -119,19 +122,8 @@ __all__ = [
 
 PixInit = Literal["real", "noise", "samples_predicted_correctly"]
 
-# eval_mode -> the networks upstream's get_eval_pool evaluates with ("S" and "C" depend on model)
-_EVAL_POOLS = MappingProxyType(
-    {
-        "M": ("ConvNet", "AlexNet", "VGG11", "ResNet18"),
-        "W": ("ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"),
-        "D": ("ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"),
-        "A": ("ConvNetAS", "ConvNetAR", "ConvNetAL"),
-        "P": ("ConvNetNP", "ConvNetMP", "ConvNetAP"),
-        "N": ("ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"),
-        "BN": ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "AlexNet", "VGG11", "ResNet18_AP"),
-    }
-)
-_EVAL_MODES: tuple[str, ...] = ("S", "C") + tuple(_EVAL_POOLS)
+# eval_mode: S and C depend on the model (eval_models); the others name a fixed pool of networks
+_EVAL_MODES: tuple[str, ...] = ("S", "C") + tuple(EVAL_POOLS)
 
 
 # ---- the sections --------------------------------------------------------------------------------------------------
@@ -221,15 +213,11 @@ class MatchingSection(Section):
                 f"expansion_end_epoch must be >= 1 iteration when sequential_generation is on, "
                 f"got {self.expansion_end_epoch}"
             )
-        from ..models import network_names  # models is below distill; not at import: it imports torch
-
         names = network_names()
         if self.model not in names:
             p.append(
                 f"model: unknown network {self.model!r}{did_you_mean(self.model, names)} (valid: {', '.join(names)})"
             )
-        from ..augment import DSA_GROUPS
-
         if self.dsa_strategy not in ("", "none", "None"):
             groups = self.dsa_strategy.split("_")
             bad = [g for g in groups if g not in DSA_GROUPS]
@@ -496,8 +484,6 @@ class DistillConfig:
         """YAML text of :meth:`to_dict`. When ``path`` is given, also write it there atomically."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
         if path is not None:
-            from ..utils import atomic_write
-
             with atomic_write(path, "w") as f:
                 f.write(text)
         return text
@@ -862,7 +848,7 @@ def eval_models(config: DistillConfig) -> tuple[str, ...]:
         return (model[: model.index("BN")],) if "BN" in model else (model,)
     if mode == "C":
         return (model, "ConvNet")
-    return _EVAL_POOLS.get(mode, (model,))
+    return EVAL_POOLS.get(mode, (model,))
 
 
 def effective_batch_syn(config: DistillConfig, num_classes: int) -> int:

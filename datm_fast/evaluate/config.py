@@ -23,28 +23,15 @@ import numbers
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Literal, Union
 
 from ..augment import DSAConfig
+from ..models import EVAL_POOLS
 
 __all__ = ["EvalConfig", "EvalResult", "EVAL_POOLS", "resolve_models"]
 
 Engine = Literal["auto", "functional", "module"]
 Precision = Literal["float32", "bfloat16"]
-
-#: Upstream's ``get_eval_pool`` modes: a name for each cross-architecture or ablation pool.
-EVAL_POOLS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
-    {
-        "M": ("ConvNet", "AlexNet", "VGG11", "ResNet18"),  # multiple architectures (DATM's table)
-        "W": ("ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"),  # width
-        "D": ("ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"),  # depth
-        "A": ("ConvNetAS", "ConvNetAR", "ConvNetAL"),  # activation
-        "P": ("ConvNetNP", "ConvNetMP", "ConvNetAP"),  # pooling
-        "N": ("ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"),  # normalisation
-        "BN": ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "AlexNet", "VGG11", "ResNet18_AP"),
-    }
-)
 
 
 def resolve_models(spec: Union[str, Sequence[str]]) -> tuple[str, ...]:

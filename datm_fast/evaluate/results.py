@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .._version import __version__
 from ..distill.rundir import PathLike
 from ..utils import atomic_write
 from .config import EvalConfig, EvalResult
@@ -40,8 +41,6 @@ def format_table(results: Sequence[EvalResult]) -> str:
 
 def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     """Versions, date and device, for the record."""
-    from .. import __version__
-
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)

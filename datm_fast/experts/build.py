@@ -9,6 +9,7 @@ from typing import Any, Union
 
 import torch
 
+from .._version import __version__
 from ..backends import Backend
 from ..data import DataSpec, ImageDataset
 from ..models import ConvNetSpec
@@ -140,8 +141,6 @@ def _entry(expert: TrainedExpert, trainer: ExpertTrainer) -> dict[str, Any]:
 
 def _versions() -> dict[str, str]:
     import platform
-
-    from .. import __version__
 
     return {"datm_fast": __version__, "torch": torch.__version__, "python": platform.python_version()}
 

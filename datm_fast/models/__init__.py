@@ -41,7 +41,14 @@ from .eval_archs import (
     ResNet18BN,
     ResNet18BN_AP,
 )
-from .registry import convnet_names, convnet_spec_from_name, default_convnet_name, get_network, network_names
+from .registry import (
+    EVAL_POOLS,
+    convnet_names,
+    convnet_spec_from_name,
+    default_convnet_name,
+    get_network,
+    network_names,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -70,6 +77,7 @@ __all__ = [
     "ResNet18BN",
     "ResNet18_AP",
     "ResNet18BN_AP",
+    "EVAL_POOLS",
     "get_network",
     "convnet_spec_from_name",
     "convnet_names",

@@ -25,7 +25,27 @@ from torch import nn
 from .convnet import ConvNet, ConvNetSpec
 from .eval_archs import MLP, VGG11, VGG11BN, AlexNet, LeNet, ResNet18, ResNet18_AP, ResNet18BN, ResNet18BN_AP
 
-__all__ = ["get_network", "convnet_spec_from_name", "network_names", "convnet_names", "default_convnet_name"]
+__all__ = [
+    "EVAL_POOLS",
+    "get_network",
+    "convnet_spec_from_name",
+    "network_names",
+    "convnet_names",
+    "default_convnet_name",
+]
+
+#: Upstream's ``get_eval_pool`` modes: a name for each cross-architecture or ablation pool of networks.
+EVAL_POOLS: MappingProxyType[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "M": ("ConvNet", "AlexNet", "VGG11", "ResNet18"),  # multiple architectures (DATM's table)
+        "W": ("ConvNetW32", "ConvNetW64", "ConvNetW128", "ConvNetW256"),  # width
+        "D": ("ConvNetD1", "ConvNetD2", "ConvNetD3", "ConvNetD4"),  # depth
+        "A": ("ConvNetAS", "ConvNetAR", "ConvNetAL"),  # activation
+        "P": ("ConvNetNP", "ConvNetMP", "ConvNetAP"),  # pooling
+        "N": ("ConvNetNN", "ConvNetBN", "ConvNetLN", "ConvNetIN", "ConvNetGN"),  # normalisation
+        "BN": ("ConvNet", "ConvNetBN", "ResNet18", "ResNet18BN", "AlexNet", "VGG11", "ResNet18_AP"),
+    }
+)
 
 ImageSize = Union[int, tuple[int, int]]
 
