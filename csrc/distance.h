@@ -28,7 +28,8 @@ DATM_HD void distance_accumulate(scalar_t student, scalar_t start, scalar_t targ
 }
 
 // d num / d student = 2 (student - target), d den / d start = 2 (start - target),
-// d / d target = -(both); scaled by the incoming gradients of num and den.
+// d / d target = -(both); scaled by the incoming gradients of num and den. A float64 gradient
+// beyond float32's range becomes inf in the cast (IEEE 754 rounding; the build has no fast-math).
 template <typename scalar_t>
 DATM_HD void distance_backward_element(scalar_t student, scalar_t start, scalar_t target, double grad_num,
                                        double grad_den, scalar_t& grad_student, scalar_t& grad_start,

@@ -60,6 +60,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   block_reduce_pair(num, den);
   if (threadIdx.x == 0) {
+    // A float64 sum beyond float32's range rounds to inf here (as PyTorch's float32 sum gives inf),
+    // nan stays nan: no host-side conversion, so nothing range-checks and throws.
     *out_num = static_cast<scalar_t>(num);
     *out_den = static_cast<scalar_t>(den);
   }

@@ -45,8 +45,11 @@ std::tuple<at::Tensor, at::Tensor> param_distance_cpu(const at::Tensor& student_
       total_num += partial_num[c];
       total_den += partial_den[c];
     }
-    num.fill_(total_num);
-    den.fill_(total_den);
+    // Stored by a plain cast, not fill_(double): fill_ range-checks and throws when the float64 sum
+    // exceeds float32's range, where PyTorch's float32 sum gives inf (and the training loop then
+    // skips the non-finite step). The cast rounds to +inf (IEEE 754), nan stays nan.
+    *num.data_ptr<scalar_t>() = static_cast<scalar_t>(total_num);
+    *den.data_ptr<scalar_t>() = static_cast<scalar_t>(total_den);
   });
   return {num, den};
 }

@@ -20,7 +20,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the commands import their stages when they run: datm-fast --help stays fast
+    from .distill import RunDir
 
 __all__ = ["build_parser", "main"]
 
@@ -192,14 +195,9 @@ def _distill_data(args: argparse.Namespace, config: Any, buffer: Any) -> Any:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    import torch
-
-    from .distill import distill, load_config
-    from .distill.config import eval_models, flag_overrides
+    from .distill import RunDir, load_config
+    from .distill.config import flag_overrides
     from .distill.loggers import check_logger_names
-    from .evaluate import EvalConfig, evaluator_on_test_set
-    from .experts import ExpertBuffer
-    from .utils import retain_freed_memory
 
     try:  # a missing tensorboard/wandb fails before any work, in one line (main reports RuntimeErrors)
         check_logger_names(args.log_to or ())
@@ -210,6 +208,25 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         overrides["project"] = args.wandb_project
     config = load_config(args.config, **overrides)
     out = Path(args.out)
+    # The run directory is taken (writable, not another run's, not written by another process) before
+    # the buffer and the data are read: a refusal comes in seconds, not after minutes of loading.
+    run = RunDir(out).start(config, resume=args.resume, overwrite=args.overwrite)
+    try:
+        return _distill_into(run, args, config)
+    finally:
+        run.finish()
+
+
+def _distill_into(run: RunDir, args: argparse.Namespace, config: Any) -> int:
+    import torch
+
+    from .distill import distill
+    from .distill.config import eval_models
+    from .evaluate import EvalConfig, evaluator_on_test_set
+    from .experts import ExpertBuffer
+    from .utils import retain_freed_memory
+
+    out = run.path
     if config.run.device == "cpu" or (config.run.device == "auto" and not torch.cuda.is_available()):
         retain_freed_memory()  # 1.1x per CPU iteration: no page faults on re-allocated activations
 
@@ -247,13 +264,13 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         data_spec=data_spec,
         transform=transform,
         evaluator=evaluator,
-        run_dir=out,
+        run_dir=run,
         resume=args.resume,
         progress=not args.quiet,
         loggers=args.log_to or (),
     )
     acc = "not evaluated" if result.best_accuracy is None else f"best accuracy {100 * result.best_accuracy:.2f}%"
-    print(f"done: {acc} at iteration {result.iteration}, lr {result.lr:.3g}; set and grid in {out}")
+    print(f"done: {acc} at iteration {result.iteration}, lr {result.lr:.3g}, {result.updates}; set and grid in {out}")
     return 0
 
 
@@ -275,7 +292,11 @@ def _add_distill_parser(sub: Any) -> None:
     p.add_argument("--dataset", default=None, help="dataset name or path (default: the buffer's, else the config's)")
     p.add_argument("--data-root", default=None, help="folder dataset names resolve against (the data moved)")
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoint.pt (under the config the run started with)"
+    )
+    resume.add_argument("--overwrite", action="store_true", help="delete what OUT holds and start again")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key (repeatable)")
     config_flags = p.add_argument_group("config keys (the same as --set KEY=VALUE)")
     add_config_flags(config_flags)
@@ -374,8 +395,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # Bad input is reported in one line that names it; a traceback helps nobody here.
+    except (ValueError, OSError, RuntimeError) as exc:
+        # Bad input, a failed run, a read-only place or a full disk: one line that names it; a
+        # traceback helps nobody here.
         print(f"datm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

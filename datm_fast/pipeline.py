@@ -113,11 +113,34 @@ def run_ipc(
 
     ``select_best``: evaluate during distillation (the config's ``eval_it``, ``num_eval``,
     ``epoch_eval_train``, ``batch_train`` and ``eval_mode``) and keep the best set; else the last one.
-    A run directory holding a checkpoint of this config is resumed (the distillation refuses one of
-    another config, naming the keys that differ).
+    The run directory is held for the whole call. One holding a checkpoint of this config is resumed,
+    one holding the start of this config's run (killed before its first checkpoint) started again;
+    one of another config is refused, naming the keys that differ.
     """
     started = time.perf_counter()
     run = RunDir(run_dir)
+    resume = run.has_checkpoint()
+    # A start of this very run, killed before its first checkpoint: nothing in it can be resumed.
+    restart = not resume and run.config_differences(config) == []
+    with run.start(config, resume=resume, overwrite=restart):
+        return _run_ipc(
+            experts, config, eval_config, run, resume, select_best, baseline_lr, name, meta, progress, started
+        )
+
+
+def _run_ipc(
+    experts: Experts,
+    config: DistillConfig,
+    eval_config: EvalConfig,
+    run: RunDir,
+    resume: bool,
+    select_best: bool,
+    baseline_lr: float,
+    name: str,
+    meta: dict[str, Any] | None,
+    progress: bool,
+    started: float,
+) -> IpcResult:
     device = torch.device(config.run.device)
     evaluator = None
     if select_best:
@@ -136,8 +159,8 @@ def run_ipc(
         data_spec=experts.data_spec,
         transform=experts.transform,
         evaluator=evaluator,
-        run_dir=run.path,
-        resume=run.has_checkpoint(),
+        run_dir=run,
+        resume=resume,
         progress=progress,
     )
     distill_seconds = time.perf_counter() - started

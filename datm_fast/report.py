@@ -42,6 +42,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ import torch
 from ._version import __version__
 from .distill.config import SECTIONS, DistillConfig, load_config, start_epoch_upper
 from .distill.rundir import Metrics, RunDir, RunRecord, read_metrics
-from .utils import atomic_write
+from .utils import atomic_write, check_writable
 from .viz import save_image_grid
 
 __all__ = [
@@ -200,7 +201,8 @@ def _seconds(total: float) -> str:
     return (f"{int(hours)} h " if hours else "") + f"{int(rest // 60)} min" + f" ({total:.0f} s)"
 
 
-_BASELINE_NAMES = ("random-real", "whole")
+# The names datm_fast.evaluate.baselines gives its results: "random-real <dataset> ipc <n>", "whole <dataset>".
+_BASELINE_NAME = re.compile(r"random-real \S.* ipc \d+|whole \S.*")
 
 
 @dataclass
@@ -220,11 +222,28 @@ class Summary:
     notes: list[str]
 
 
+def _is_baseline(result_name: str, data: dict[str, Any]) -> bool:
+    """Whether a result of an ``eval_*.json`` is a real-data baseline rather than an evaluation of a set.
+
+    By its name, as :mod:`datm_fast.evaluate.baselines` writes it (``random-real <dataset> ipc <n>``,
+    ``whole <dataset>``), whatever else its file holds (the pipelines write a set and its baseline into
+    one file). A bare prefix is not enough: ``datm-fast eval RUN_DIR`` names a set's results after the
+    path it was given (its ``source``), and a run called ``random-real-init`` (DATM's ``pix_init: real``)
+    or ``whole_c10`` would then be filed as a baseline, leaving the report saying "no evaluation" above
+    that very evaluation.
+    """
+    if "source" in data and "baseline" not in data:
+        return False  # written by `datm-fast eval` of a set: every result is that set's
+    if result_name == data.get("source"):
+        return False
+    return _BASELINE_NAME.fullmatch(result_name) is not None
+
+
 def _eval_rows(
     eval_files: list[tuple[str, dict[str, Any]]], notes: list[str]
 ) -> tuple[list[list[str]], list[list[str]]]:
-    """Rows of the evaluations table and of the baselines table, from every ``eval_*.json``: a result
-    is a baseline by its name (``random-real ...``, ``whole ...``), whatever else its file holds."""
+    """Rows of the evaluations table and of the baselines table, from every ``eval_*.json`` (a result is a
+    baseline by :func:`_is_baseline`)."""
     sets: list[list[str]] = []
     baselines: list[list[str]] = []
     for name, data in eval_files:
@@ -248,7 +267,7 @@ def _eval_rows(
                 details.append("**diverged in some run**")
             what = str(r.get("name") or "")
             row = [f"`{name}`", "", str(r.get("model", "?")), str(runs), _pct(mean, std), ", ".join(details)]
-            if what.startswith(_BASELINE_NAMES):
+            if _is_baseline(what, data):
                 row[1] = what
                 baselines.append(row)
             else:
@@ -682,6 +701,7 @@ def write_report(run_dir: str | os.PathLike[str], *, out: str | os.PathLike[str]
     """
     facts = gather(run_dir)
     md_path = _resolve_out(facts.run, out)
+    check_writable(md_path.parent)  # a read-only run directory: one OSError naming it, before any picture
     text = render(facts, summarize(facts), md_path)
     with atomic_write(md_path, "w") as f:
         f.write(text)

@@ -22,7 +22,11 @@ from typing import Any
 import torch
 
 __all__ = [
+    "DirectoryLocked",
     "atomic_write",
+    "available_memory_bytes",
+    "check_writable",
+    "exclusive_lock",
     "dataclass_arguments",
     "dataclass_from_arguments",
     "default_cache_dir",
@@ -72,6 +76,55 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator:
             os.close(dir_fd)
 
 
+class DirectoryLocked(RuntimeError):
+    """Another process holds a directory's lock (:func:`exclusive_lock`)."""
+
+
+def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Any:
+    """An open file holding an exclusive ``flock`` on ``directory/.lock``, for one writer at a time.
+
+    The lock lives as long as the returned file is open: released by ``close()``, or by the OS when
+    the process dies (``kill -9`` included), so a lock left by a killed process is taken over by the
+    next writer. The file records the holder's pid for the message. A second writer gets
+    :class:`DirectoryLocked` at once, naming ``what`` is locked and by which pid. Where ``flock`` is
+    missing (Windows) nothing is locked.
+    """
+    path = Path(directory) / ".lock"
+    f = open(path, "a+")  # held open (and locked) for the writer's lifetime
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one writer per directory is then up to the user
+        return f
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DirectoryLocked(
+            f"{directory}: {holder} is writing this {what} (it holds {path}); wait for it to finish or write to "
+            "another directory"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def check_writable(directory: str | os.PathLike[str]) -> Path:
+    """Make ``directory`` (and its parents) and write a probe file in it: a read-only place, a full disk
+    or a file in the way fails here, before any work, as one ``OSError`` that names the directory."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"{path}: cannot write here ({exc.strerror or exc}); choose another place") from None
+    return path
+
+
 def default_cache_dir() -> Path:
     """Where decoded datasets and fitted transforms are cached.
 
@@ -94,18 +147,36 @@ def peak_rss_bytes() -> int:
     from the parent, so a subprocess started by a large parent would report the parent's peak.
     Elsewhere ``ru_maxrss`` is the best available measure.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # reported in kB
-    except OSError:
-        pass
+    peak = _proc_kilobytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
     import sys
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on ``device`` can still get, in bytes: the free memory of a CUDA device
+    (``torch.cuda.mem_get_info``), ``MemAvailable`` of ``/proc/meminfo`` on a Linux CPU; None where it
+    cannot be told."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return _proc_kilobytes("/proc/meminfo", "MemAvailable") if device.type == "cpu" else None
+
+
+def _proc_kilobytes(path: str, field: str) -> int | None:
+    """A ``field:  N kB`` line of a Linux ``/proc`` file, in bytes; None where there is no such file or line."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -857,6 +857,29 @@ def test_preprocess_zca_cached_on_disk(tmp_path, monkeypatch):
         preprocess(out, "zca")
 
 
+def test_replace_tensors_drops_fingerprint_so_fits_are_not_cached(tmp_path):
+    # Reported: stats fitted on NaN images swapped in with replace() were cached under the clean
+    # dataset's fingerprint and served to the next clean load.
+    make_pixels_npz(tmp_path / "p.npz", n_train=40, shape=(3, 2, 3), classes=("a", "b"))
+    ds = load_dataset(tmp_path / "p.npz", cache_dir=tmp_path / "cache")
+    assert ds.fingerprint is not None
+    bad = ds.replace(train_images=torch.full_like(ds.train_images, float("nan")))
+    assert bad.fingerprint is None
+    for field in ("train_labels", "test_images", "test_labels"):
+        assert ds.replace(**{field: getattr(ds, field).clone()}).fingerprint is None
+    assert ds.replace(val_images=ds.test_images, val_labels=ds.test_labels).fingerprint is None
+    # An explicit fingerprint wins; non-tensor changes keep the old one.
+    assert ds.replace(train_images=ds.train_images * 1, fingerprint="mine").fingerprint == "mine"
+    assert ds.replace(name="renamed").fingerprint == ds.fingerprint
+
+    out, _ = preprocess(bad, "normalize", cache_dir=tmp_path / "cache")
+    assert out.fingerprint is None and bool(out.train_images.isnan().all())
+    assert not list((tmp_path / "cache" / "transforms").glob("*.pt"))  # nothing cached for unknown data
+    clean, _ = preprocess(ds, "normalize", cache_dir=tmp_path / "cache")
+    assert bool(clean.train_images.isfinite().all())
+    torch.testing.assert_close(clean.train_images.mean(), torch.tensor(0.0), rtol=0, atol=1e-5)
+
+
 def test_preprocess_normalize_and_none(tmp_path):
     ds = _balanced(per_class=6)
     out, norm = preprocess(ds, "normalize", cache=False)

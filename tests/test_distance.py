@@ -100,6 +100,39 @@ def test_matching_loss_and_gradcheck(backend, device):
     )
 
 
+def _overflowing_inputs(kind: str, device: str):
+    student, start, target = _inputs(4097, torch.float32, device, seed=8)
+    if kind == "squares":  # every square overflows float32 (a run with lr_teacher=1e8 gets there)
+        student = torch.full_like(student, 1e30)
+    elif kind == "sum":  # every square fits in float32 (2.25e38), their sum does not
+        student = target + 1.5e19
+    else:  # inf - inf: the reference's num is nan and its den inf
+        student[5] = target[5] = float("inf")
+    return student, start, target
+
+
+@pytest.mark.parametrize("backend,device", CASES)
+@pytest.mark.parametrize("kind", ["squares", "sum", "nan"])
+# The Triton interpreter's numpy warns on inf * 0 (masked lanes) and inf - inf; the values are right.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_overflow_gives_inf_like_the_reference(backend, device, kind):
+    """A float32 sum beyond float32's range is inf (nan where PyTorch gives nan), never an exception:
+    the distillation loop skips a non-finite loss with a warning, which needs the loss to reach it."""
+    inputs = [t.requires_grad_() for t in _overflowing_inputs(kind, device)]
+    ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    got = param_distance(*inputs, backend=backend)
+    ref = param_distance(*ref_inputs, backend="torch")
+    assert not all(torch.isfinite(r).item() for r in ref), ref  # the case overflows float32
+    for out, expected in zip(got, ref):
+        torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    # Backward through the matching loss, as the training loop runs it: num/den is inf or nan, the
+    # gradients mix finite, infinite and nan entries, all where PyTorch's are.
+    (got[0] / got[1]).backward()
+    (ref[0] / ref[1]).backward()
+    for x, r in zip(inputs, ref_inputs):
+        torch.testing.assert_close(x.grad, r.grad, rtol=1e-6, atol=0, equal_nan=True)
+
+
 @pytest.mark.skipif(not backend_info()["cpp"].live, reason="datm_fast._C is not built")
 def test_compiled_op_passes_opcheck():
     student, start, target = (t.requires_grad_() for t in _inputs(1000, torch.float32, "cpu", seed=4))

@@ -8,9 +8,18 @@ import warnings
 import pytest
 import torch
 
+from datm_fast.backends import backend_info
 from datm_fast.data import ImageDataset
 from datm_fast.distill.config import load_config
-from datm_fast.distill.loop import EvalOutcome, derived_seed, distill, expert_for_iteration
+from datm_fast.distill.loop import (
+    DistillationFailed,
+    EvalOutcome,
+    UpdateCounts,
+    derived_seed,
+    distill,
+    expert_for_iteration,
+)
+from datm_fast.distill.rundir import RunDir, RunDirError
 from datm_fast.models import convnet_forward, convnet_spec_from_name, init_flat_params
 
 
@@ -113,6 +122,7 @@ def test_resumed_run_equals_uninterrupted(tmp_path):
         assert torch.equal(other.labels, full.labels)
         assert other.lr == full.lr and other.iteration == full.iteration
         assert other.best_accuracy == full.best_accuracy
+        assert other.updates == full.updates  # counted over the whole run, across the resume
     for name in ("images_best.pt", "labels_best.pt", "lr_best.pt"):
         a = torch.load(tmp_path / "a" / name, weights_only=True)
         for d in ("b", "c"):
@@ -143,6 +153,36 @@ def test_resume_refuses_another_config_but_takes_other_placement(tmp_path):
     assert load_config(tmp_path / "config.yaml") == longer  # config.yaml says what ran last
 
 
+def test_a_run_directory_belongs_to_one_run(tmp_path):
+    """Starting into a directory that holds a run is refused unless resumed or overwritten; a second
+    writer is refused while the first holds the directory; a refused start leaves nothing behind."""
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    config = load_config(BASE, iterations=3)
+    run = tmp_path / "run"
+    first = distill(data, experts, config, run_dir=run, progress=False)
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(RunDirError, match=r"holds a run already \(.*checkpoint.pt.*--resume continues it, --overwrite"):
+        distill(data, experts, config.replace(lr_img=50), run_dir=run, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files  # nothing changed
+
+    again = distill(data, experts, config.replace(lr_img=50), run_dir=run, progress=False, overwrite=True)
+    assert not torch.equal(again.images, first.images)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]  # the old run's rows are gone, not appended to
+    assert load_config(run / "config.yaml").lr_img == 50
+
+    held = RunDir(run).start(resume=True)
+    try:
+        with pytest.raises(RunDirError, match=r"process \d+ is writing this run directory"):
+            distill(data, experts, config.replace(lr_img=50), run_dir=run, progress=False, resume=True)
+    finally:
+        held.finish()
+    with pytest.raises(RunDirError, match="nothing to resume"):
+        distill(data, experts, config, run_dir=tmp_path / "new", progress=False, resume=True)
+    assert not (tmp_path / "new").exists()  # a refused start leaves no directory behind
+
+
 def test_same_seed_same_run_and_different_seed_differs():
     data = _toy_data()
     experts = _random_trajectories(data, "ConvNetW32")
@@ -162,25 +202,69 @@ def test_schedule_draws():
     assert derived_seed(0, "x", 1) != derived_seed(0, "x", 2) != derived_seed(1, "x", 1)
 
 
-def test_threshold_and_nonfinite_losses_skip_the_update():
+def test_threshold_and_nonfinite_losses_skip_the_update_and_a_run_without_updates_fails(tmp_path):
     data = _toy_data()
     experts = _random_trajectories(data, "ConvNetW32")
-    # A threshold no loss is under: every update is skipped and the set stays as initialised.
+    # A threshold no loss is under: every update is skipped, the set stays as initialised, and the run
+    # ends with DistillationFailed that counts what became of each iteration.
     config = load_config(BASE, iterations=2, threshold=1e-9)
-    init = distill(data, experts, config.replace(iterations=0), progress=False)
-    result = distill(data, experts, config, progress=False)
-    assert all(row["skipped"] for row in result.history)
-    assert torch.equal(result.images, init.images)
+    init = distill(data, experts, config, progress=False, max_iterations=0)
+    rows: list[dict] = []
+    with pytest.raises(DistillationFailed, match=r"0 of 3 updates applied \(0 non-finite, 3 above the threshold\)"):
+        distill(data, experts, config, progress=False, callback=rows.append, run_dir=tmp_path / "threshold")
+    assert len(rows) == 3 and all(row["skipped"] and not row["nonfinite"] for row in rows)
+    assert torch.equal(RunDir(tmp_path / "threshold").load_set("best").images, init.images)
 
     # A NaN in the buffer: reported with the iteration, skipped, never written into the set.
     broken = TensorTrajectories(experts.tensor.clone())
     broken.tensor[:, :, 0] = float("nan")
-    with warnings.catch_warnings(record=True) as caught:
+    rows.clear()
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(DistillationFailed, match="3 non-finite"):
         warnings.simplefilter("always")
-        result = distill(data, broken, load_config(BASE, iterations=2), progress=False)
+        distill(data, broken, load_config(BASE, iterations=2), progress=False, callback=rows.append)
     assert any("iteration 0: non-finite loss" in str(w.message) for w in caught)
-    assert all(row["nonfinite"] and row["skipped"] for row in result.history)
-    assert torch.isfinite(result.images).all() and torch.equal(result.images, init.images)
+    assert len(rows) == 3 and all(row["nonfinite"] and row["skipped"] for row in rows)
+
+    # Some updates skipped, some applied: a result, with the counts.
+    result = distill(data, experts, load_config(BASE, iterations=2, threshold=1.0), progress=False)
+    applied = sum(not row["skipped"] for row in result.history)
+    assert result.updates == UpdateCounts(applied, 0, 3 - applied)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_an_overflowing_distance_is_skipped_on_every_backend(backend):
+    """Target epochs 1e20 away from the start: the squared distance overflows float32. The fused op gives
+    inf as PyTorch does (it aborted the run before) and the loop skips the update on either backend."""
+    if not backend_info()[backend].live:
+        pytest.skip(f"backend {backend} is not live here: {backend_info()[backend].detail}")
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    experts.tensor[:, 1:3] += 1e20  # the targets of start epochs 0 and 1 (expert_epochs 1)
+    rows: list[dict] = []
+    config = load_config(BASE, iterations=1, backend=backend)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"), pytest.raises(DistillationFailed, match="2 non-finite"):
+        distill(data, experts, config, progress=False, callback=rows.append)
+    assert len(rows) == 2 and all(row["nonfinite"] and row["skipped"] for row in rows)
+
+
+@pytest.mark.parametrize(
+    ("keys", "what"),
+    [
+        ({"lr_img": 1e38}, "images reached"),
+        ({"lr_y": 1e38}, "label logits reached"),
+        ({"lr_lr": 1e30}, "learned lr reached"),
+    ],
+)
+def test_a_set_that_leaves_the_sane_range_stops_the_run(tmp_path, keys, what):
+    """A diverged set stops the run at once, naming what diverged; the checkpoint stays the last sane one."""
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    config = load_config(BASE, iterations=4, checkpoint_every=1, **keys)
+    rows: list[dict] = []
+    with pytest.raises(DistillationFailed, match=f"iteration 0: the {what}.*diverged"):
+        distill(data, experts, config, run_dir=tmp_path, progress=False, callback=rows.append)
+    assert [row["iteration"] for row in rows] == [0] and not rows[0]["skipped"]
+    assert not RunDir(tmp_path).has_checkpoint()  # nothing diverged was saved to resume from
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path):

@@ -32,6 +32,7 @@ from datm_fast.experts import (
     gsam_direction,
     gsam_perturbation,
     gsam_step,
+    infer_upstream_spec,
     sgd_step,
 )
 from datm_fast.experts._batched import batched_logits, stack_inputs
@@ -268,7 +269,7 @@ def _write_buffer(root, n=3, epochs=3, spec=TINY):
     with BufferWriter(root, _header(spec, epochs)) as w:
         for i, t in enumerate(trajs):
             w.add(i, t, {"seed": i, "test_acc": [0.1 * (e + 1) for e in range(epochs)]})
-        with pytest.raises(ExpertBufferError, match="another process is writing this buffer"):
+        with pytest.raises(ExpertBufferError, match="is writing this buffer"):
             BufferWriter(root, _header(spec, epochs))
     return trajs
 
@@ -407,6 +408,56 @@ def test_upstream_buffer_never_runs_code(tmp_path):
     with pytest.raises(ExpertBufferError, match="replay_buffer_0.pt: cannot be read"):
         ExpertBuffer.open(tmp_path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_unreadable_upstream_buffer_error_does_not_advise_weights_only_false(tmp_path):
+    # torch's own refusal advises re-running with weights_only=False, which would unpickle (run) the file.
+    # Pickled here: a reference to os.system and an instance of a harmless class; neither is ever called.
+    import fractions
+
+    for obj, global_name in ([[[os.system]]], f"{os.system.__module__}.system"), ([fractions.Fraction(1, 3)], None):
+        torch.save(obj, tmp_path / "replay_buffer_0.pt")
+        with pytest.raises(ExpertBufferError) as info:
+            ExpertBuffer.open(tmp_path)
+        msg = str(info.value)
+        assert str(tmp_path / "replay_buffer_0.pt") in msg
+        assert "weights_only" not in msg and "safe_globals" not in msg
+        assert "cannot be read as an upstream replay buffer" in msg and "tensors only" in msg
+        assert (global_name or "fractions.Fraction") in msg
+    (tmp_path / "replay_buffer_0.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ExpertBufferError, match="replay_buffer_0.pt: cannot be read as an upstream") as info:
+        ExpertBuffer.open(tmp_path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_upstream_spec_prefers_common_image_sizes(tmp_path, capsys):
+    # Reported: `buffer info` said image_size=(4, 4) for an 8x8 digits buffer, because a depth-3 net on
+    # 4..11 px 1-channel images has the same parameter shapes (all pooled to 1x1).
+    digits = ConvNetSpec(channels=1, num_classes=10, image_size=8, width=8, depth=3)
+    _upstream_buffer(tmp_path, digits, files=(1,), epochs=1)
+    assert ExpertBuffer.open(tmp_path).spec == digits
+    assert cli_main(["buffer", "info", str(tmp_path)]) == 0
+    assert "image_size=(8, 8)" in capsys.readouterr().out
+
+    def shapes_of(spec: ConvNetSpec) -> list[torch.Tensor]:
+        return [torch.empty(shape) for _, shape in spec.param_shapes()]
+
+    for channels, size, depth in [(1, 28, 3), (3, 32, 3), (3, 64, 4), (3, 128, 5), (1, 16, 3), (3, 28, 3)]:
+        spec = ConvNetSpec(channels=channels, num_classes=10, image_size=size, width=8, depth=depth)
+        assert infer_upstream_spec(shapes_of(spec)) == spec
+    # 1-channel nets fitting both 28 and 32 px are MNIST-like (upstream's "28 means 32" convention).
+    mnist_d4 = ConvNetSpec(channels=1, num_classes=10, image_size=28, width=8, depth=4)
+    assert infer_upstream_spec(shapes_of(mnist_d4)) == mnist_d4
+    # Truly ambiguous: refused with the candidates, rather than a silent guess.
+    rgb_d4 = ConvNetSpec(channels=3, num_classes=10, image_size=28, width=8, depth=4)
+    with pytest.raises(ExpertBufferError, match=r"16\.\.31 px; cannot tell which of 16, 28 px .* explicit spec"):
+        infer_upstream_spec(shapes_of(rgb_d4))
+    odd = ConvNetSpec(channels=1, num_classes=10, image_size=21, width=8, depth=3)
+    with pytest.raises(ExpertBufferError, match=r"cannot tell which of 20, 21, 22, .*, 27 px"):
+        infer_upstream_spec(shapes_of(odd))
+    # No pooling: the size is determined exactly, common or not.
+    flat = ConvNetSpec(channels=1, num_classes=10, image_size=21, pooling="none")  # ConvNetNP
+    assert infer_upstream_spec(shapes_of(flat), "ConvNetNP") == flat
 
 
 # ----- building, resuming -----------------------------------------------------------------------------------------

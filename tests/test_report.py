@@ -198,6 +198,32 @@ def test_a_set_evaluated_beside_its_baseline_is_shown_as_an_evaluation(tmp_path)
     assert "random-real cifar10 ipc 2 | ConvNet | 2 | 32.00 ± 1.00" in baselines
 
 
+def test_a_set_named_like_a_baseline_is_shown_as_an_evaluation(tmp_path, monkeypatch):
+    """Reported: "No evaluation ..." above a table holding eval_best.json's result. `datm-fast eval RUN_DIR`
+    names the result after the path it was given; a run called like a baseline kind (random real images as
+    the set's initialisation, DATM's pix_init: real) had its evaluation filed as a baseline."""
+    monkeypatch.chdir(tmp_path)
+    run = _make_run(Path("random-real-init"), half_line=False)
+    (run / "metrics.jsonl").write_text('{"iteration": 0, "loss": 0.5}\n')  # no in-loop evaluation
+    (run / "eval_random-real_cifar10_ipc2.json").unlink()
+    ours = EvalResult("ConvNet", (0.47, 0.48), (0.2, 0.2), 1.0, 300, 0.01, 20, name=str(run))
+    write_results(run / "eval_best.json", [ours], meta={"seed": 0, "source": str(run)})  # as `datm-fast eval` does
+    accuracy = write_report(run).read_text().split("## Accuracy")[1].split("## Curves")[0]
+    assert "No evaluation" not in accuracy and "### Baselines" not in accuracy
+    assert "`eval_best.json` | set `best` | ConvNet | 2 | 47.50 ± 0.50" in accuracy
+
+    # Only a real baseline: then, and only then, the set has no evaluation yet.
+    (run / "eval_best.json").unlink()
+    theirs = EvalResult("ConvNet", (0.31, 0.33), (0.5, 0.5), 1.0, 300, 0.01, 20, name="random-real cifar10 ipc 2")
+    write_results(run / "eval_random-real_cifar10_ipc2.json", [theirs], meta={"baseline": "random-real", "ipc": 2})
+    accuracy = write_report(run).read_text().split("## Accuracy")[1].split("## Curves")[0]
+    assert "No evaluation of the distilled set yet" in accuracy
+    assert "random-real cifar10 ipc 2 | ConvNet | 2 | 32.00 ± 1.00" in accuracy.split("### Baselines")[1]
+    (run / "eval_random-real_cifar10_ipc2.json").unlink()
+    accuracy = write_report(run).read_text().split("## Accuracy")[1].split("## Curves")[0]
+    assert "No evaluation yet: no eval rows" in accuracy and "|" not in accuracy
+
+
 def test_read_metrics_tolerates_bad_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(

@@ -6,13 +6,21 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from datm_fast.utils import atomic_write, default_cache_dir
+from datm_fast.utils import (
+    DirectoryLocked,
+    atomic_write,
+    available_memory_bytes,
+    check_writable,
+    default_cache_dir,
+    exclusive_lock,
+)
 from datm_fast.viz import image_grid, save_image_grid
 
 
@@ -132,3 +140,26 @@ def test_dataclass_options_round_trip():
     assert "networks per set (default: 3)" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--ipcs", "1,ten"])
+
+
+def test_available_memory_is_what_the_kernel_says_on_linux_and_unknown_elsewhere():
+    available = available_memory_bytes(torch.device("cpu"))
+    if Path("/proc/meminfo").is_file():
+        line = next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemAvailable:"))
+        assert abs(available - int(line.split()[1]) * 1024) < 2**30  # read a moment apart
+    assert available_memory_bytes(torch.device("meta")) is None
+
+
+def test_a_directory_lock_refuses_a_second_writer_and_is_released_on_close(tmp_path):
+    held = exclusive_lock(tmp_path, "test directory")
+    with pytest.raises(DirectoryLocked, match=rf"process {os.getpid()} is writing this test directory"):
+        exclusive_lock(tmp_path, "test directory")
+    held.close()
+    exclusive_lock(tmp_path, "test directory").close()  # released: taken again
+
+
+def test_check_writable_names_the_place_in_one_oserror(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert check_writable(tmp_path / "new" / "dir").is_dir()
+    with pytest.raises(OSError, match=r"file/sub: cannot write here"):
+        check_writable(tmp_path / "file" / "sub")  # a file in the way, for root too

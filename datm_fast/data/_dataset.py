@@ -110,7 +110,18 @@ class ImageDataset:
         return torch.bincount(labels, minlength=self.num_classes)
 
     def replace(self, **changes: object) -> ImageDataset:
-        """A copy with some fields replaced (``dataclasses.replace``); validation runs again."""
+        """A copy with some fields replaced (``dataclasses.replace``); validation runs again.
+
+        Replacing any tensor field (images or labels of any split) drops the fingerprint to ``None``
+        unless ``fingerprint`` is passed too: the old one describes the old tensors, and a fit cached
+        under it (ZCA, see :func:`datm_fast.data.preprocess`) would be served for the new ones.
+        """
+        # None, not a hash of the new tensors: a fingerprint names the source files plus each derivation
+        # applied (every derivation in this package extends it, e.g. "+subset(...)", and maps None to
+        # None), so for an unnamed change "unknown provenance, not cacheable" is the honest value.
+        # Hashing would also cost a pass over every pixel on each replace.
+        if "fingerprint" not in changes and any(f in changes for f in _TENSOR_FIELDS):
+            changes["fingerprint"] = None
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     def with_val_merged(self) -> ImageDataset:
@@ -137,6 +148,11 @@ class ImageDataset:
             f"ImageDataset(name={self.name!r}, train={self.train_labels.shape[0]}, test={self.test_labels.shape[0]}"
             f"{val}, image=({c}, {h}, {w}), classes={self.num_classes}, preprocessing={self.preprocessing!r})"
         )
+
+
+# The fields whose contents the fingerprint describes (ImageDataset.replace drops it when one changes), read
+# off the annotations so that a split added later is covered without touching replace.
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(ImageDataset) if "torch.Tensor" in str(f.type))
 
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:

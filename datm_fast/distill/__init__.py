@@ -7,8 +7,16 @@ directory's one owner), ``loggers`` (TensorBoard, wandb) and ``loop`` (:func:`di
 """
 
 from .config import ConfigError, DistillConfig, list_configs, load_config
-from .loop import DistilledSet, EvalOutcome, Trajectories, distill, initialize_synthetic_set
-from .rundir import RunDir, RunRecord
+from .loop import (
+    DistillationFailed,
+    DistilledSet,
+    EvalOutcome,
+    Trajectories,
+    UpdateCounts,
+    distill,
+    initialize_synthetic_set,
+)
+from .rundir import RunDir, RunDirError, RunRecord
 from .unroll import (
     EngineOptions,
     StepPlan,
@@ -22,15 +30,18 @@ from .unroll import (
 __all__ = [
     "ConfigError",
     "DistillConfig",
+    "DistillationFailed",
     "DistilledSet",
     "EngineOptions",
     "EvalOutcome",
     "RunDir",
+    "RunDirError",
     "RunRecord",
     "StepPlan",
     "Trajectories",
     "Unroll",
     "UnrollPlan",
+    "UpdateCounts",
     "distill",
     "estimate_full_unroll_bytes",
     "initialize_synthetic_set",

@@ -35,16 +35,21 @@ from torch import Tensor
 from ..augment import DSAConfig
 from ..data import DataSpec, ImageDataset, Transform
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
-from ..utils import peak_rss_bytes, resolve_device
-from .config import DistillConfig, eval_iterations, load_config, sample_start_epoch, validate_against
+from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device
+from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
 from .rundir import RunDir, RunRecord
-from .unroll import trajectory_matching_loss
+from .unroll import least_unroll_bytes, trajectory_matching_loss
 
 __all__ = [
     "Trajectories",
     "EvalOutcome",
     "DistilledSet",
+    "DistillationFailed",
+    "UpdateCounts",
+    "SANE_MAX_ABS_IMAGE",
+    "SANE_MAX_ABS_LABEL",
+    "SANE_MAX_LR",
     "derived_seed",
     "initialize_synthetic_set",
     "distill",
@@ -87,6 +92,22 @@ Evaluator = Callable[[Tensor, Tensor, float, int], EvalOutcome]
 
 
 @dataclass
+class UpdateCounts:
+    """What became of a run's iterations: updates applied, and skipped for a non-finite loss or
+    gradient or for a loss above the threshold."""
+
+    applied: int = 0
+    nonfinite: int = 0
+    over_threshold: int = 0
+
+    def __str__(self) -> str:
+        total = self.applied + self.nonfinite + self.over_threshold
+        skipped = total - self.applied
+        why = f" ({self.nonfinite} non-finite, {self.over_threshold} above the threshold)" if skipped else ""
+        return f"{self.applied} of {total} updates applied{why}"
+
+
+@dataclass
 class DistilledSet:
     """The result of :func:`distill`: the best synthetic set (by evaluation; the last one without)."""
 
@@ -97,6 +118,22 @@ class DistilledSet:
     best_accuracy: float | None  # mean evaluation accuracy of this set, when evaluated
     run_dir: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)  # the metrics rows of this call
+    updates: UpdateCounts = field(default_factory=UpdateCounts)  # of the whole run, resumes included
+
+
+class DistillationFailed(RuntimeError):
+    """A run that cannot produce a useful set: its set or lr left the sane range (it diverged), or
+    not one update was applied. The message says why and what to change."""
+
+
+# The sane range of a set. Beyond it a run has diverged and nothing later brings it back: the values
+# only grow (lr_img=1e38 took the images to 3.9e35, a threshold of 1e30 let a loss of 1.2e11 through
+# and the images reached 1e14, the lr -1.4e5). Preprocessed real pixels lie within +-3.2
+# (ZCA-whitened CIFAR-10 and MNIST, measured 2026-12-04), label logits from experts within tens, the
+# learned lr starts at lr_teacher (0.01 for CIFAR-10): the bounds leave three orders of magnitude.
+SANE_MAX_ABS_IMAGE = 1e4
+SANE_MAX_ABS_LABEL = 1e4
+SANE_MAX_LR = 1e3
 
 
 def derived_seed(seed: int, *keys: int | str) -> int:
@@ -223,6 +260,7 @@ class _State:
     iteration: int  # next iteration to run
     best_accuracy: float | None
     best_iteration: int | None
+    updates: UpdateCounts = field(default_factory=UpdateCounts)
 
     def snapshot(self) -> tuple[Tensor, Tensor, float]:
         """The current set, detached: images, labels, lr."""
@@ -242,6 +280,7 @@ class _State:
             # Every random draw is derived from (seed, iteration), so no generator state is needed to
             # resume; the seed is kept to refuse a resume under another one.
             "seed": seed,
+            "updates": [self.updates.applied, self.updates.nonfinite, self.updates.over_threshold],
         }
 
     def restore(self, payload: dict[str, Any], seed: int, source: Path) -> None:
@@ -262,6 +301,21 @@ class _State:
         self.iteration = int(payload["next_iteration"])
         self.best_accuracy = None if payload["best_accuracy"] < 0 else float(payload["best_accuracy"])
         self.best_iteration = None if payload["best_iteration"] < 0 else int(payload["best_iteration"])
+        self.updates = UpdateCounts(*(int(n) for n in payload["updates"]))
+
+    def divergence(self) -> str | None:
+        """Why the set has left the sane range (``SANE_MAX_*``), or None while it is within it."""
+        for name, values, bound in (
+            ("images", self.images, SANE_MAX_ABS_IMAGE),
+            ("label logits", self.labels, SANE_MAX_ABS_LABEL),
+        ):
+            peak = float(values.detach().abs().max())
+            if not peak <= bound:  # NaN fails too
+                return f"the {name} reached |value| {peak:.3g}, beyond the sane {bound:g}"
+        lr = float(self.lr.detach())
+        if not 0 < lr <= SANE_MAX_LR:
+            return f"the learned lr reached {lr:.3g}, outside the sane (0, {SANE_MAX_LR:g}]"
+        return None
 
 
 class _Outputs:
@@ -318,7 +372,7 @@ class _Outputs:
                 logger.close()
             except Exception as exc:  # one failing tracker must not hide the run's outcome
                 warnings.warn(
-                    f"distill: closing logger {type(logger).__name__} failed: {exc}", RuntimeWarning, stacklevel=3
+                    f"distill: closing logger {type(logger).__name__} failed: {exc}", RuntimeWarning, stacklevel=4
                 )
 
 
@@ -380,13 +434,18 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
             f"distill: iteration {it}: non-finite loss or gradient (loss {loss_value}, expert {expert}, "
             f"start epoch {start_epoch}); update skipped, the set is unchanged",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     skipped = not finite or loss_value > config.matching.threshold
-    if not skipped:
+    if not finite:
+        state.updates.nonfinite += 1
+    elif skipped:
+        state.updates.over_threshold += 1
+    else:
         state.opt_labels.step()
         state.opt_images.step()
         state.opt_lr.step()
+        state.updates.applied += 1
     return {
         "loss": loss_value,
         "start_epoch": start_epoch,
@@ -408,8 +467,9 @@ def distill(
     data_spec: DataSpec | None = None,
     transform: Transform | None = None,
     evaluator: Evaluator | None = None,
-    run_dir: str | Path | None = None,
+    run_dir: str | Path | RunDir | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     max_iterations: int | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
@@ -427,8 +487,12 @@ def distill(
         evaluator: called as ``evaluator(images, labels, lr, seed)`` at the evaluation iterations;
             the best mean accuracy's set is kept. Without one, the last set is "best".
         run_dir: where checkpoints, sets, grids and ``metrics.jsonl`` go (``config.out_dir`` if None;
-            nothing is written when both are None). See :class:`~datm_fast.distill.rundir.RunDir`.
+            nothing is written when both are None). See :class:`~datm_fast.distill.rundir.RunDir`: a
+            directory holding another run is refused unless ``resume`` or ``overwrite``, and so is one
+            another process writes. A :class:`RunDir` the caller has started is used as it is.
         resume: continue from the run directory's checkpoint; the result equals an uninterrupted run.
+            Refused when ``config`` computes something else than the run's (placement keys may change).
+        overwrite: delete what the run directory holds and start again.
         progress: show a progress bar.
         max_iterations: stop after this many iterations of this call (a budget; for tests and demos).
         callback: called with each metrics row.
@@ -439,6 +503,10 @@ def distill(
 
     Returns:
         :class:`DistilledSet` with the best images, labels and lr.
+
+    Raises:
+        DistillationFailed: the set or lr left the sane range (``SANE_MAX_*``; the run directory keeps
+            the last checkpoint before), or the run ended without one update applied.
     """
     device = resolve_device(config.run.device)
     m = config.matching
@@ -450,28 +518,99 @@ def distill(
         class_sizes=data.class_counts("train").tolist(),
         class_names=data.classes,
     )
+    if not 0 < config.learning.lr_teacher <= SANE_MAX_LR:  # the first update would stop the run
+        raise ValueError(
+            f"lr_teacher={config.learning.lr_teacher:g} is outside the sane range of the learned lr, "
+            f"(0, {SANE_MAX_LR:g}]: lower it (upstream's configs use 0.01)"
+        )
+    batch_syn = m.batch_syn or config.learning.ipc * data.num_classes
+    _check_fits(spec, batch_syn, config, device)
     where = run_dir if run_dir is not None else config.run.out_dir
-    run = RunDir(where) if where is not None else None
+    run = where if isinstance(where, RunDir) else (RunDir(where) if where is not None else None)
     if isinstance(loggers, str):
         loggers = [loggers]
     logger_names = check_logger_names([lg for lg in loggers if isinstance(lg, str)])
     if "tensorboard" in logger_names and run is None:
         raise ValueError("distill: tensorboard logging needs a run directory (run_dir or config.out_dir)")
-    if resume and (run is None or not run.has_checkpoint()):
-        raise ValueError(f"resume: no {RunDir.CHECKPOINT} in {where}")
-    if resume:
-        assert run is not None
-        _check_resumable(run, config)
-    if run is not None:
-        run.path.mkdir(parents=True, exist_ok=True)
-        run.write_config(config)
-        run.write_record(RunRecord(data_spec, m.model, config.learning.ipc))
+    if run is None and resume:
+        raise ValueError("distill: resume needs a run directory (run_dir or config.out_dir)")
+    if run is None or not run.started:  # else the caller holds the directory and answers for it
+        owned = run.start(config, resume=resume, overwrite=overwrite) if run is not None else None
+    else:
+        owned = None
+        if resume:
+            run.check_resumable(config)
+    try:
+        return _distill(
+            data,
+            experts,
+            config,
+            _Problem(spec, experts, config, _augment(config), batch_syn, device),
+            run,
+            data_spec=data_spec,
+            transform=transform,
+            evaluator=evaluator,
+            resume=resume,
+            progress=progress,
+            max_iterations=max_iterations,
+            callback=callback,
+            loggers=[lg for lg in loggers if not isinstance(lg, str)],
+            logger_names=logger_names,
+        )
+    finally:
+        if owned is not None:
+            owned.finish()
 
-    images, labels = initialize_synthetic_set(data, experts, config, spec, device=device)
+
+def _augment(config: DistillConfig) -> DSAConfig | None:
+    m = config.matching
+    return DSAConfig(strategy=m.dsa_strategy) if m.dsa and not m.no_aug else None
+
+
+def _check_fits(spec: ConvNetSpec, batch_syn: int, config: DistillConfig, device: torch.device) -> None:
+    """Refuse, before any work, an unroll that cannot fit in the device's memory at all (by
+    :func:`least_unroll_bytes`, a lower bound): ``syn_steps=100000000`` otherwise grows the memory
+    for minutes before it fails."""
+    m, unroll = config.matching, config.engine.unroll
+    need = least_unroll_bytes(spec, batch_syn, m.syn_steps, unroll, torch.float32)
+    available = available_memory_bytes(device)
+    if available is not None and need > available:
+        raise ValueError(
+            f"syn_steps={m.syn_steps} at batch_syn {batch_syn}: one unroll of the {unroll} engine holds at least "
+            f"{need / 1e9:.3g} GB (every step's {spec.num_params} parameters), more than the {available / 1e9:.3g} GB "
+            f"this {device.type} has available; lower syn_steps"
+        )
+
+
+def _distill(
+    data: ImageDataset,
+    experts: Trajectories,
+    config: DistillConfig,
+    problem: _Problem,
+    run: RunDir | None,
+    *,
+    data_spec: DataSpec | None,
+    transform: Transform | None,
+    evaluator: Evaluator | None,
+    resume: bool,
+    progress: bool,
+    max_iterations: int | None,
+    callback: Callable[[dict[str, Any]], None] | None,
+    loggers: list[MetricsLogger],
+    logger_names: list[str],
+) -> DistilledSet:
+    """:func:`distill` once its inputs are checked and its run directory is held."""
+    device, learning = problem.device, config.learning
+    # A damaged checkpoint is refused before anything in the directory is written.
+    saved = run.load_checkpoint() if resume and run is not None else None
+    if run is not None:
+        run.write_config(config)
+        run.write_record(RunRecord(data_spec, config.matching.model, learning.ipc))
+
+    images, labels = initialize_synthetic_set(data, experts, config, problem.spec, device=device)
     images = images.detach().clone().requires_grad_(True)
     labels = labels.detach().clone().requires_grad_(True)
-    lr = torch.tensor(float(config.learning.lr_teacher), device=device).requires_grad_(True)
-    learning = config.learning
+    lr = torch.tensor(float(learning.lr_teacher), device=device).requires_grad_(True)
     state = _State(
         images=images,
         labels=labels,
@@ -484,25 +623,22 @@ def distill(
         best_iteration=None,
     )
     best = (*state.snapshot(), state.iteration)
-    if resume:
+    if saved is not None:
         assert run is not None
-        state.restore(run.load_checkpoint(), config.run.seed, run.file(RunDir.CHECKPOINT))
+        state.restore(saved, config.run.seed, run.file(RunDir.CHECKPOINT))
         run.truncate_metrics(state.iteration)
         if state.best_iteration is not None:  # the best set so far lives in the run directory
             kept = run.load_set("best")
             best = (kept.images.to(device), kept.labels.to(device), float(kept.lr), state.best_iteration)
 
-    augment = DSAConfig(strategy=m.dsa_strategy) if m.dsa and not m.no_aug else None
-    problem = _Problem(spec, experts, config, augment, m.batch_syn or len(images), device)
     eval_its = set(eval_iterations(config)) if evaluator is not None else set()
     last = config.schedule.iterations
     stop = last + 1 if max_iterations is None else min(last + 1, state.iteration + max_iterations)
     history: list[dict[str, Any]] = []
-    active: list[MetricsLogger] = [lg for lg in loggers if not isinstance(lg, str)]
-    active += make_loggers(
+    loggers = loggers + make_loggers(
         logger_names, run.path if run else None, config, resume_from=state.iteration if resume else None
     )
-    outputs = _Outputs(run, active, callback, transform, config)
+    outputs = _Outputs(run, loggers, callback, transform, config)
 
     bar = None
     if progress:
@@ -523,6 +659,13 @@ def distill(
             row.update(_match(problem, state, it))
             history.append(row)
             outputs.row(row)
+            diverged = None if row["skipped"] else state.divergence()
+            if diverged is not None:  # stopped before a checkpoint could keep the diverged set
+                kept = "; the run directory keeps the last checkpoint before it" if run is not None else ""
+                raise DistillationFailed(
+                    f"iteration {it}: {diverged}: the run diverged and is stopped (lower lr_img, lr_lr or lr_y, or "
+                    f"the threshold){kept}"
+                )
             state.iteration = it + 1
             if bar is not None:
                 bar.update(1)
@@ -540,6 +683,13 @@ def distill(
         outputs.close()
     if run is not None:
         run.save_checkpoint(state.checkpoint(config.run.seed))
+    if state.iteration > last and state.updates.applied == 0:
+        losses = [r["loss"] for r in history if math.isfinite(r["loss"])]
+        smallest = f" (the smallest loss of this call {min(losses):.3g})" if losses else ""
+        raise DistillationFailed(
+            f"the run ended without one update: {state.updates}{smallest}, threshold {config.matching.threshold:g}; "
+            "the set is its initialisation (lower lr_teacher, or raise threshold)"
+        )
     return DistilledSet(
         images=best[0].cpu(),
         labels=best[1].cpu(),
@@ -548,24 +698,8 @@ def distill(
         best_accuracy=state.best_accuracy,
         run_dir=run.path if run is not None else None,
         history=history,
+        updates=state.updates,
     )
-
-
-def _check_resumable(run: RunDir, config: DistillConfig) -> None:
-    """Refuse to resume a run under a config that computes something else: every key but the placement
-    keys (device, backend, micro-batch, ...) and ``iterations`` (a longer run goes on as it was) must
-    equal the ``config.yaml`` the run was started with."""
-    path = run.file(RunDir.CONFIG)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            started = load_config(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot resume without the run's readable config ({exc})") from exc
-    differ = [k for k in config.differences(started) if k != "iterations"]
-    if differ:
-        shown = ", ".join(f"{k} ({started.to_dict()[k]!r} -> {config.to_dict()[k]!r})" for k in differ)
-        raise ValueError(f"{run.path}: the run was started with another config: {shown}; resume with its config")
 
 
 def _selected(experts: Trajectories, max_files: int | None, max_experts: int | None) -> Trajectories:

@@ -16,6 +16,13 @@ checks on what is read back.
 ``tensorboard/``          TensorBoard's event files, when asked for (``wandb_run_id.txt``: wandb's run)
 ========================  ==========================================================================
 
+A run directory belongs to one run. :meth:`RunDir.start` opens it for a run: it refuses a directory
+that holds another run's files unless the run resumes (``--resume``) or starts again (``--overwrite``,
+which clears it), refuses a second writer while one holds the directory's lock (a lock left by a
+killed process is taken over), and finds a read-only place or a full disk before any work. The
+checkpoint carries its sha256: a damaged one is refused by name, and every tensor in it must be
+finite.
+
 An upstream ``logged_files/.../Normal`` folder is a run directory without ``run.json`` (and a folder
 whose ``Normal/`` subfolder holds the sets works too). Tensors are read with
 ``torch.load(..., weights_only=True)``: no code from a file runs.
@@ -23,10 +30,14 @@ whose ``Normal/`` subfolder holds the sets works too). Tensors are read with
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import numbers
 import os
+import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -35,14 +46,22 @@ import torch
 from torch import Tensor
 
 from ..data import DataSpec, Transform
-from ..utils import atomic_write
+from ..utils import DirectoryLocked, atomic_write, check_writable, exclusive_lock
 from ..viz import save_image_grid
+from .config import DistillConfig, load_config
 
-__all__ = ["Metrics", "RunDir", "RunRecord", "SyntheticSet", "load_synset", "read_metrics"]
+__all__ = ["Metrics", "RunDir", "RunDirError", "RunRecord", "SyntheticSet", "load_synset", "read_metrics"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
 CHECKPOINT_FORMAT = "datm_fast.distill.checkpoint/1"
+# checkpoint.pt: this line, the sha256 of the rest (hex) and a newline, then torch.save's bytes.
+_CHECKPOINT_MAGIC = b"datm_fast checkpoint sha256 "
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked: another run's files, another writer, a damaged
+    checkpoint. The message names the directory or the file and what to do."""
 
 
 # ----- run.json -----------------------------------------------------------------------------------
@@ -249,12 +268,124 @@ class RunDir:
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
+        self._lock: Any = None
+        self._created = False
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
     def __fspath__(self) -> str:
         return os.fspath(self.path)
+
+    # ----- ownership --------------------------------------------------------------------------------
+    def run_files(self) -> list[str]:
+        """The names of what the directory holds (its lock aside), sorted; [] for a new or empty one."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != ".lock")
+
+    @property
+    def started(self) -> bool:
+        """Whether this object holds the directory for a run (:meth:`start` until :meth:`finish`)."""
+        return self._lock is not None
+
+    def start(self, config: DistillConfig | None = None, *, resume: bool, overwrite: bool = False) -> RunDir:
+        """Take the directory for one run, before any work: writable, written by no other process and,
+        unless the run resumes, holding no other run's files (``overwrite=True`` deletes them first).
+        A resume needs a checkpoint and, given ``config``, a config that computes what the run's
+        ``config.yaml`` does (:meth:`config_differences`).
+
+        Raises :class:`RunDirError` (another run's files, another writer, nothing to resume, another
+        config) or ``OSError`` (a read-only place, a full disk), each naming the directory. Returns the
+        run directory, a context manager that calls :meth:`finish` on exit.
+        """
+        if resume and overwrite:
+            raise RunDirError(f"{self.path}: resume and overwrite exclude each other")
+        if self.started:
+            raise RunDirError(f"{self.path}: already started by this process")
+        created = not self.path.exists()
+        check_writable(self.path)
+        try:
+            self._lock = exclusive_lock(self.path, "run directory")
+        except DirectoryLocked as exc:
+            raise RunDirError(str(exc)) from None
+        self._created = created
+        try:
+            present = self.run_files()
+            if resume:
+                if not self.has_checkpoint():
+                    raise RunDirError(f"{self.path}: nothing to resume: no {self.CHECKPOINT} here")
+                if config is not None:
+                    self.check_resumable(config)
+            elif present and not overwrite:
+                shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+                raise RunDirError(
+                    f"{self.path}: holds a run already ({shown}); --resume continues it, --overwrite deletes it and "
+                    "starts again, or choose another --out"
+                )
+            elif present:
+                for name in present:
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        except BaseException:
+            self.finish()
+            raise
+        return self
+
+    def finish(self) -> None:
+        """Release the directory's lock (idempotent). A directory :meth:`start` created and nothing was
+        written to is removed again: a run refused before its first write leaves no trace."""
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        if self._created and not self.run_files():
+            (self.path / ".lock").unlink(missing_ok=True)
+            try:
+                self.path.rmdir()
+            except OSError:  # something appeared meanwhile: keep it
+                pass
+        lock.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finish()
+
+    def read_config(self) -> DistillConfig | None:
+        """``config.yaml``: the config the run computes; None when there is none. Its warnings (ignored
+        upstream keys) were shown when the run started and are not repeated."""
+        path = self.file(self.CONFIG)
+        if not path.is_file():
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return load_config(path)
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{path}: not a readable run config ({exc})") from None
+
+    def config_differences(self, config: DistillConfig) -> list[str] | None:
+        """The keys in which ``config`` computes something else than the run here, as ``"key (old -> new)"``:
+        every key but the placement keys (device, backend, micro-batch, ...) and ``iterations`` (a longer
+        run goes on as it was). None when the directory holds no config."""
+        started = self.read_config()
+        if started is None:
+            return None
+        old, new = started.to_dict(), config.to_dict()
+        return [f"{k} ({old[k]!r} -> {new[k]!r})" for k in config.differences(started) if k != "iterations"]
+
+    def check_resumable(self, config: DistillConfig) -> None:
+        """:class:`RunDirError` naming each key in which ``config`` computes something else than the run
+        here (:meth:`config_differences`), or when the directory says nothing of what it computes."""
+        differ = self.config_differences(config)
+        if differ is None:
+            raise RunDirError(f"{self.path}: cannot resume: no {self.CONFIG} says what the run computes")
+        if differ:
+            raise RunDirError(
+                f"{self.path}: the run was started with another config: {', '.join(differ)}; resume with its config "
+                "(placement keys such as device, backend and micro_batch may change) or start another run"
+            )
 
     # ----- names ------------------------------------------------------------------------------------
     def file(self, name: str) -> Path:
@@ -373,17 +504,46 @@ class RunDir:
         return self.file(self.CHECKPOINT).is_file()
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Write the loop's state (tensors, numbers, optimiser state dicts) as ``checkpoint.pt``."""
+        """Write the loop's state (tensors, numbers, optimiser state dicts) as ``checkpoint.pt``, with
+        the sha256 of its bytes in front of them."""
+        buffer = io.BytesIO()
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, buffer)
+        data = buffer.getvalue()
         with atomic_write(self.file(self.CHECKPOINT)) as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.write(_CHECKPOINT_MAGIC + hashlib.sha256(data).hexdigest().encode() + b"\n")
+            f.write(data)
 
     def load_checkpoint(self) -> dict[str, Any]:
-        """The state :meth:`save_checkpoint` wrote; ``ValueError`` naming the file when it is not one."""
+        """The state :meth:`save_checkpoint` wrote, verified: its checksum, its format, and every tensor
+        in it finite. :class:`RunDirError` naming the file otherwise."""
         path = self.file(self.CHECKPOINT)
+        raw = path.read_bytes()
+        header, _, data = raw.partition(b"\n")
+        if not header.startswith(_CHECKPOINT_MAGIC):
+            raise RunDirError(f"{path}: not a datm_fast distillation checkpoint (no checksum line)")
+        if hashlib.sha256(data).hexdigest().encode() != header[len(_CHECKPOINT_MAGIC) :]:
+            raise RunDirError(
+                f"{path}: damaged: its bytes do not match its sha256; it cannot be resumed from (--overwrite starts "
+                "again)"
+            )
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a foreign or damaged file: say which
-            raise ValueError(f"{path}: not a readable datm_fast checkpoint ({exc})") from exc
+            payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # refused by weights_only, or written by something else
+            raise RunDirError(f"{path}: not a readable datm_fast checkpoint ({exc})") from None
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a datm_fast distillation checkpoint")
+            raise RunDirError(f"{path}: not a datm_fast distillation checkpoint")
+        bad = [name for name, t in _tensors(payload) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise RunDirError(f"{path}: holds non-finite values in {', '.join(bad[:5])}; it cannot be resumed from")
         return payload
+
+
+def _tensors(obj: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """Every tensor in nested dicts and lists, with its path (``opt_images.state.0.momentum_buffer``)."""
+    if isinstance(obj, Tensor):
+        return [(prefix, obj)]
+    if isinstance(obj, dict):
+        return [pair for k, v in obj.items() for pair in _tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [pair for i, v in enumerate(obj) for pair in _tensors(v, f"{prefix}.{i}")]
+    return []

@@ -74,6 +74,7 @@ __all__ = [
     "make_unroll_plan",
     "trajectory_matching_loss",
     "estimate_full_unroll_bytes",
+    "least_unroll_bytes",
     "auto_micro_batch",
 ]
 
@@ -396,6 +397,17 @@ def estimate_full_unroll_bytes(spec: ConvNetSpec, batch_syn: int, syn_steps: int
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_sample = _graph_bytes_per_sample(spec, dtype)
     return int(per_sample * batch_syn * syn_steps + 2 * syn_steps * spec.num_params * itemsize)
+
+
+def least_unroll_bytes(spec: ConvNetSpec, batch_syn: int, syn_steps: int, unroll: Unroll, dtype: torch.dtype) -> int:
+    """What one unroll holds at the least, whatever the micro-batch and the graph: the plan's minibatch
+    indices (int64, ``syn_steps x batch_syn``) and the parameters of every step, once (``exact`` and
+    ``tesla`` keep theta_0 .. theta_{N-1} for the reverse pass) or twice (``full``'s graph holds each
+    step's parameters and their gradient). A lower bound, for refusing sizes that cannot fit (see
+    :func:`estimate_full_unroll_bytes` for the full engine's peak)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_step = (2 if unroll == "full" else 1) * spec.num_params * itemsize + 8 * batch_syn
+    return syn_steps * per_step
 
 
 # ----- the engines ------------------------------------------------------------------------------------

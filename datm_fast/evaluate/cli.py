@@ -104,7 +104,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..augment import DSAConfig
     from ..data import DataSpec
     from ..distill.rundir import RunDir, load_synset
-    from ..utils import resolve_device, retain_freed_memory
+    from ..utils import check_writable, resolve_device, retain_freed_memory
     from .baselines import BASELINE_LR, random_real_baseline
     from .baselines import whole_dataset_baseline as whole_baseline
     from .config import EvalConfig, resolve_models
@@ -140,6 +140,9 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError("--baseline random-real needs --ipc")
         data = DataSpec(args.dataset, root=args.data_root, preprocessing=preprocessing or "none")
         models = check_models(resolve_models(args.models) if args.models else (config.model,))
+        suffix = f"_ipc{args.ipc}" if args.baseline == "random-real" else ""
+        out = args.out or Path(f"eval_{args.baseline}_{Path(args.dataset).stem}{suffix}.json")
+        check_writable(out.parent)  # a read-only place fails now, not after minutes of training
         dataset, _ = data.load(cache_dir=args.cache_dir)
         lr = args.lr if args.lr is not None else BASELINE_LR
         results = []
@@ -152,8 +155,6 @@ def run_eval(args: argparse.Namespace) -> int:
             else:
                 res = whole_baseline(dataset, cfg, generator=generator, lr=lr, device=device, progress=not args.quiet)
             results.append(res)
-        suffix = f"_ipc{args.ipc}" if args.baseline == "random-real" else ""
-        out = args.out or Path(f"eval_{args.baseline}_{Path(args.dataset).stem}{suffix}.json")
         meta.update(baseline=args.baseline, ipc=args.ipc, data=data.to_json())
     else:
         if not args.inputs:
@@ -191,6 +192,7 @@ def run_eval(args: argparse.Namespace) -> int:
         lr = args.lr if args.lr is not None else synset.lr
         if lr is None:
             raise ValueError(f"{source}: no lr file; pass --lr")
+        check_writable(Path(out).parent)  # a read-only place fails now, not after minutes of training
         dataset, _ = data.load(root=args.data_root, cache_dir=args.cache_dir)
         results = evaluate_models(
             synset.images,

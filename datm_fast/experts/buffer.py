@@ -54,7 +54,7 @@ from torch import Tensor
 
 from ..data import DataSpec, ImageDataset
 from ..models import ConvNetSpec, convnet_spec_from_name
-from ..utils import atomic_write
+from ..utils import DirectoryLocked, atomic_write, check_writable, exclusive_lock
 
 __all__ = [
     "FORMAT",
@@ -207,8 +207,11 @@ class BufferWriter:
         self.identity = _identity(self.header)
         if self.root.exists() and not self.root.is_dir():
             raise ExpertBufferError(f"{self.root}: exists and is not a directory")
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock_dir(self.root)
+        check_writable(self.root)  # a read-only place or a full disk: one OSError naming it, before training
+        try:
+            self._lock = exclusive_lock(self.root, "buffer")
+        except DirectoryLocked as exc:
+            raise ExpertBufferError(str(exc)) from None
         try:
             for stale in self.root.glob(".*.tmp"):  # atomic_write's temporaries of a killed writer
                 if stale.name.startswith((f".{MANIFEST_NAME}.", ".expert_")):
@@ -348,24 +351,6 @@ class BufferWriter:
         self._save_manifest()
 
 
-def _lock_dir(root: Path) -> Any:
-    """An open file holding an exclusive ``flock`` on ``root/.lock`` (no-op object where flock is missing)."""
-    f = open(root / ".lock", "a+")  # held open (and locked) for the writer's lifetime
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; one writer per directory is then up to the user
-        return f
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ExpertBufferError(
-            f"{root}: another process is writing this buffer (it holds {root / '.lock'}); "
-            "wait for it to finish or write to another directory"
-        ) from None
-    return f
-
-
 def _data_sha256(path: Path) -> str:
     """sha256 of a safetensors file's data region (everything after the header)."""
     h = hashlib.sha256()
@@ -445,6 +430,27 @@ class _NativeExpert:
         return self._handle.get_slice(TENSOR_NAME)
 
 
+def _upstream_load_error(e: Exception) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a ``replay_buffer_<n>.pt``, without torch's advice.
+
+    torch's weights-only refusal suggests re-running with ``weights_only=False`` (or allow-listing the
+    global), which would unpickle, i.e. run, whatever the file names: never pass that on. Name the offending
+    global instead, which is what tells a user the file is not a buffer (or not one from upstream).
+    """
+    msg = str(e)
+    if "weights_only" in msg or "Weights only load failed" in msg:
+        found = re.search(r"GLOBAL ([\w.]+)", msg)
+        if found is None:  # not a pickle at all, e.g. "Unsupported operand 103" for a foreign file
+            reason = re.search(r"Unsupported [^\n.]*", msg)
+            detail = f" ({reason.group(0).strip()})" if reason else ""
+            return f"cannot be read as an upstream replay buffer (lists of tensors only): not such a pickle{detail}"
+        return (
+            f"cannot be read as an upstream replay buffer: it holds a {found.group(1)} object, but such a buffer "
+            "holds lists of tensors only (anything else is refused unread, since unpickling it could run code)"
+        )
+    return f"cannot be read as an upstream replay buffer (lists of tensors only): {type(e).__name__}: {msg[:300]}"
+
+
 class _UpstreamFile:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -457,9 +463,7 @@ class _UpstreamFile:
                 # Legacy (pre-1.6, non-zip) files cannot be memory-mapped: they are read whole.
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch.load raises many types for truncated / foreign files
-            raise ExpertBufferError(
-                f"{path}: cannot be read as an upstream replay buffer ({type(e).__name__}: {str(e)[:300]})"
-            ) from None
+            raise ExpertBufferError(f"{path}: {_upstream_load_error(e)}") from None
         if not isinstance(obj, (list, tuple)) or not obj:
             raise ExpertBufferError(f"{path}: expected a non-empty list of experts, got {type(obj).__name__}")
         self.experts = obj
@@ -472,6 +476,34 @@ def _flat(tensors: Sequence[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors])
 
 
+# Image sides of the datasets trajectory matching is run on: sklearn digits (8), USPS (16), MNIST / Fashion-MNIST /
+# MedMNIST (28), CIFAR / SVHN (32), Tiny ImageNet / MedMNIST+ (64), STL-10 (96), ImageNet subsets / MedMNIST+
+# (128), MedMNIST+ / ImageNet (224, 256). Pooling makes a whole range of sizes give the same parameter shapes (a
+# depth-3 net maps 4..11 px 1-channel images to 1x1), so the inference prefers these within that range.
+_COMMON_IMAGE_SIZES = (8, 16, 28, 32, 64, 96, 128, 224, 256)
+
+
+def _feasible_image_sizes(
+    make: Callable[[int], ConvNetSpec], shapes: list[tuple[int, ...]], side: int, depth: int, pooled: bool
+) -> list[int]:
+    """Every square image size whose spec ``make(size)`` has exactly ``shapes`` (ascending).
+
+    The head's feature side is ``side``; each pooling halves the map (floor) and a 1-channel first conv pads
+    by 3, so the sizes lie within a few pixels of ``side * 2**depth`` .. ``(side + 1) * 2**depth``: scanning
+    that window with the real spec (rather than inverting the layer arithmetic here) keeps one source of truth.
+    """
+    scale = 2**depth if pooled else 1
+    out = []
+    for size in range(max(1, side * scale - 8), (side + 1) * scale + 8):
+        try:
+            spec = make(size)
+        except ValueError:  # feature map pooled down to nothing, and the like
+            continue
+        if [tuple(s) for _, s in spec.param_shapes()] == shapes:
+            out.append(size)
+    return out
+
+
 def infer_upstream_spec(tensors: Sequence[Tensor], model: str | None = None) -> ConvNetSpec:
     """The ConvNet spec whose ``parameters()`` have these shapes (one epoch of an upstream buffer).
 
@@ -480,6 +512,12 @@ def infer_upstream_spec(tensors: Sequence[Tensor], model: str | None = None) -> 
     ConvNet name (``"ConvNetBN"``, ``"ConvNetD4"``, ...) that variant's. Channels, classes, width,
     depth and the (square) image size come from the shapes. Raises :class:`ExpertBufferError` when no
     ConvNet has exactly these shapes.
+
+    With pooling, several image sizes give the same shapes (a depth-3 net on 8 px digits has the
+    parameters of one on 4..11 px images). The size is then the one common dataset size in that range
+    (8, 16, 28, 32, 64, ...); 1-channel nets fitting both 28 and 32 px are taken as 28 px (MNIST-like,
+    upstream's convention). Otherwise the size cannot be told and :class:`ExpertBufferError` lists the
+    candidates: open the buffer with an explicit ``spec``.
     """
     shapes = [tuple(t.shape) for t in tensors]
     convs = [s for s in shapes if len(s) == 4]
@@ -495,21 +533,38 @@ def infer_upstream_spec(tensors: Sequence[Tensor], model: str | None = None) -> 
         pooled = probe.pooling != "none"
     else:
         pooled = True
-    size = side * (2**depth if pooled else 1) - (4 if channels == 1 else 0)
-    kw: dict[str, Any] = {}
-    if model is None:
-        kw = {"width": width, "depth": depth, "norm": "instance" if has_norm else "none"}
-    try:
+    kw: dict[str, Any] = {"width": width, "depth": depth, "norm": "instance" if has_norm else "none"}
+
+    def make(size: int) -> ConvNetSpec:
         if model is not None:
-            spec = convnet_spec_from_name(model, channels, num_classes, size)
-        else:
-            spec = ConvNetSpec(channels=channels, num_classes=num_classes, image_size=size, **kw)
-    except ValueError as e:
-        raise ExpertBufferError(f"no ConvNet matches parameter shapes {shapes}: {e}") from None
-    want = [tuple(s) for _, s in spec.param_shapes()]
-    if want != shapes:
+            return convnet_spec_from_name(model, channels, num_classes, size)
+        return ConvNetSpec(channels=channels, num_classes=num_classes, image_size=size, **kw)
+
+    feasible = _feasible_image_sizes(make, shapes, side, depth, pooled)
+    if not feasible:
+        # Name the spec the shapes come closest to, as the error did before (the old single-guess size).
+        guess = side * (2**depth if pooled else 1) - (4 if channels == 1 else 0)
+        try:
+            spec = make(guess)
+        except ValueError as e:
+            raise ExpertBufferError(f"no ConvNet matches parameter shapes {shapes}: {e}") from None
+        want = [tuple(s) for _, s in spec.param_shapes()]
         raise ExpertBufferError(f"parameter shapes {shapes} do not match {spec} (expects {want})")
-    return spec
+    common = [s for s in feasible if s in _COMMON_IMAGE_SIZES]
+    if channels == 1 and 28 in common and 32 in common:
+        common.remove(32)  # upstream's ConvNet pads 1-channel input for 28 px MNIST ("28 means 32")
+    if len(feasible) == 1:
+        size = feasible[0]
+    elif len(common) == 1:
+        size = common[0]
+    else:
+        listed = common or feasible
+        raise ExpertBufferError(
+            f"parameter shapes fit a {channels}-channel depth-{depth} ConvNet on square images of "
+            f"{feasible[0]}..{feasible[-1]} px; cannot tell which of {', '.join(map(str, listed))} px it was "
+            "trained on: open the buffer with an explicit spec (ExpertBuffer.open(..., spec=ConvNetSpec(...)))"
+        )
+    return make(size)
 
 
 class ExpertBuffer:

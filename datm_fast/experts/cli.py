@@ -269,6 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # one line, as datm-fast's main says it
         print(f"datm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
