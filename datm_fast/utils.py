@@ -121,7 +121,10 @@ def check_writable(directory: str | os.PathLike[str]) -> Path:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
             pass
     except OSError as exc:
-        raise OSError(exc.errno, f"{path}: cannot write here ({exc.strerror or exc}); choose another place") from None
+        # The same kind of error (PermissionError, ...) with its errno, said as one line without "[Errno N]".
+        error = type(exc)(f"{path}: cannot write here ({exc.strerror or exc}); choose another place")
+        error.errno = exc.errno
+        raise error from None
     return path
 
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -63,9 +64,12 @@ BUFFER_ARGS += ["--max-train-images", "400", "--max-test-images", "100", "--devi
 
 
 @pytest.fixture(autouse=True)
-def _keep_this_process_malloc(monkeypatch):
-    # The commands run in this process here: leave pytest's allocator as it is.
+def _in_this_process(request, monkeypatch):
+    # The commands run in this process here: leave pytest's allocator as it is, and read the data
+    # through the module's cache.
     monkeypatch.setattr("datm_fast.utils.retain_freed_memory", lambda: False)
+    if "tiny" in request.fixturenames:
+        monkeypatch.setenv("DATM_FAST_CACHE", str(request.getfixturevalue("tiny")["cache"]))
 
 
 def _command(*args: str | Path) -> list[str]:
@@ -96,7 +100,6 @@ def _distill_args(config: Path, buffer: Path, out: Path, *extra: str) -> list[st
 
 
 def _distill(tiny: dict[str, Path], out: Path, *extra: str) -> int:
-    os.environ["DATM_FAST_CACHE"] = str(tiny["cache"])
     return main(["distill", *map(str, _distill_args(tiny["config"], tiny["buffer"], out, *extra))])
 
 
@@ -326,14 +329,15 @@ def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout:
         time.sleep(0.02)
 
 
-def _kill_at(args: list[str | Path], cache: Path, point: Callable[[], bool], delay: float) -> None:
-    """Start the command, wait for ``point``, sleep ``delay`` seconds, ``kill -9`` it (it must still run)."""
-    process = subprocess.Popen(
-        _command(*args),
-        env={**os.environ, "DATM_FAST_CACHE": str(cache)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+def _kill_at(
+    args: list[str | Path], cache: Path, point: Callable[[], bool], delay: float, stderr: Path | None = None
+) -> None:
+    """Start the command (its standard error to ``stderr`` when given), wait for ``point``, sleep ``delay``
+    seconds, ``kill -9`` it (it must still run)."""
+    with open(stderr or os.devnull, "wb") as err:
+        process = subprocess.Popen(
+            _command(*args), env={**os.environ, "DATM_FAST_CACHE": str(cache)}, stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
         _wait_for(point, process)
         time.sleep(delay)
@@ -375,9 +379,9 @@ def _experts_done(buffer: Path) -> int:
 def test_kill_9_of_distill_then_resume_equals_uninterrupted(tiny, tmp_path):
     rng = random.Random(FAULT_SEED + 1)
     out = tmp_path / "run"
-    after_rows = rng.randint(1, 6)
+    after_rows = rng.randint(1, 5)  # of 7: at least one iteration and the final checkpoint still to come
     args = ["distill", *_distill_args(tiny["config"], tiny["buffer"], out)]
-    _kill_at(args, tiny["cache"], lambda: _rows(out) >= after_rows, rng.uniform(0.0, 0.2))
+    _kill_at(args, tiny["cache"], lambda: _rows(out) >= after_rows, rng.uniform(0.0, 0.1))
     again = "--resume" if RunDir(out).has_checkpoint() else "--overwrite"  # killed before its first checkpoint
     done = _run(*args, again, cache=tiny["cache"])
     assert done.returncode == 0, (after_rows, done.stderr)
@@ -394,21 +398,24 @@ def _computed(run: Path) -> list[dict]:
 
 def test_kill_9_of_eval_then_rerun_equals_uninterrupted(tiny, tmp_path):
     rng = random.Random(FAULT_SEED + 2)
-    args = ["eval", tiny["run"], "--runs", "1", "--epochs", "300", "--device", "cpu", "--quiet"]
-    started = time.monotonic()
-    reference = _run(*args, "--out", tmp_path / "reference.json", cache=tiny["cache"])
-    took = time.monotonic() - started
+    args = ["eval", tiny["run"], "--runs", "1", "--epochs", "1000", "--device", "cpu"]
+    reference = _run(*args, "--quiet", "--out", tmp_path / "reference.json", cache=tiny["cache"])
     assert reference.returncode == 0, reference.stderr
-    out = tmp_path / "eval.json"
-    started = time.monotonic()
-    kill_after = rng.uniform(0.2, 0.8) * took  # from the start (imports) to the training's end
-    _kill_at([*args, "--out", out], tiny["cache"], lambda: time.monotonic() - started > kill_after, 0.0)
+    out, progress = tmp_path / "eval.json", tmp_path / "progress.txt"
+    epoch = rng.randint(1, 800)  # killed in training, once the progress bar has passed this epoch
+    _kill_at([*args, "--out", out], tiny["cache"], lambda: _epochs_done(progress) >= epoch, 0.0, stderr=progress)
     assert not out.exists()  # the killed eval left no half-written results
-    done = _run(*args, "--out", out, cache=tiny["cache"])
+    done = _run(*args, "--quiet", "--out", out, cache=tiny["cache"])
     assert done.returncode == 0, done.stderr
     ours = json.loads(out.read_text())["results"]
     theirs = json.loads((tmp_path / "reference.json").read_text())["results"]
     assert [r["accuracies"] for r in ours] == [r["accuracies"] for r in theirs]
+
+
+def _epochs_done(progress: Path) -> int:
+    """The last ``done/total`` of a tqdm bar in ``progress``."""
+    found = re.findall(rb"(\d+)/\d+ \[", progress.read_bytes()) if progress.is_file() else []
+    return int(found[-1]) if found else 0
 
 
 def test_kill_9_of_reproduce_then_rerun_equals_uninterrupted(shared_data, session_cache_dir, tmp_path):
@@ -436,3 +443,18 @@ def test_kill_9_of_reproduce_then_rerun_equals_uninterrupted(shared_data, sessio
         assert [r[key] for r in ours["rows"]] == [r[key] for r in theirs["rows"]], (name, key)
     for ipc in (1, 10):
         _same_sets(out / f"ipc{ipc}", tmp_path / "reference" / f"ipc{ipc}", ["best"])
+
+
+def test_the_configs_own_buffer_path_is_read_without_buffer(tiny, tmp_path, capsys):
+    """Upstream's YAML files carry buffer_path: the experts are <buffer_path>/<dataset>/<model>."""
+    (tmp_path / "buffers" / "digits").mkdir(parents=True)
+    (tmp_path / "buffers" / "digits" / "ConvNet").symlink_to(tiny["buffer"], target_is_directory=True)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_YAML + f"buffer_path: {tmp_path / 'buffers'}\n")
+    args = ["distill", "--config", str(config), "--out", str(tmp_path / "run"), "--quiet", "--no-eval"]
+    assert main(args) == 0
+    assert str(tmp_path / "buffers" / "digits" / "ConvNet") in capsys.readouterr().out
+    config.write_text(TINY_YAML + f"buffer_path: {tmp_path / 'nowhere'}\n")
+    assert main([*args[:-3], str(tmp_path / "run2"), "--quiet", "--no-eval"]) == 2
+    _one_line_error(capsys, "nowhere", "--buffer")
+    assert not (tmp_path / "run2").exists()

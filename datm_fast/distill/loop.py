@@ -577,8 +577,8 @@ def _check_fits(spec: ConvNetSpec, batch_syn: int, config: DistillConfig, device
     if available is not None and need > available:
         raise ValueError(
             f"syn_steps={m.syn_steps} at batch_syn {batch_syn}: one unroll of the {unroll} engine holds at least "
-            f"{need / 1e9:.3g} GB (every step's {spec.num_params} parameters), more than the {available / 1e9:.3g} GB "
-            f"this {device.type} has available; lower syn_steps"
+            f"{need / 1e9:,.1f} GB (every step's {spec.num_params} parameters), more than the "
+            f"{available / 1e9:,.1f} GB this {device.type} has available; lower syn_steps"
         )
 
 

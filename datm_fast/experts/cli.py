@@ -129,6 +129,7 @@ def add_parser(subparsers: Any) -> None:
 def _cmd_buffer(args: argparse.Namespace) -> int:
     from ..augment import DSAConfig
     from ..models import convnet_spec_from_name, default_convnet_name
+    from ..utils import check_writable
     from .config import ExpertConfig
     from .train import resolve_device
 
@@ -140,6 +141,7 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         raise ValueError(f"--experts must be >= 1, got {args.experts}")
     if args.experts_per_batch is not None and args.experts_per_batch < 1:
         raise ValueError(f"--experts-per-batch must be >= 1, got {args.experts_per_batch}")
+    check_writable(args.out)  # a read-only place: one line now, before the data are loaded
     device = resolve_device(args.device)
     if device.type == "cpu":
         # Reuse freed activation memory instead of page-faulting 100+ MB back in every step: 1.3x per
