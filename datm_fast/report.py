@@ -104,6 +104,7 @@ class RunFacts:
     record: RunRecord | None  # run.json
     eval_files: list[tuple[str, dict[str, Any]]]  # (file name, parsed eval_*.json)
     notes: list[str] = field(default_factory=list)  # what was missing or unreadable
+    failure: str | None = None  # why the run stopped without a result (failure.txt)
 
 
 def _read_json(path: Path, notes: list[str]) -> Any:
@@ -178,7 +179,7 @@ def gather(run_dir: str | os.PathLike[str]) -> RunFacts:
             notes.append(f"`{path.name}` has no `results` list (the layout `datm-fast eval` writes); left out")
             continue
         eval_files.append((path.name, data))
-    return RunFacts(run, metrics, raw_config, config, record, eval_files, notes)
+    return RunFacts(run, metrics, raw_config, config, record, eval_files, notes, run.failure())
 
 
 # ----- summarize: the numbers and rows, no I/O ----------------------------------------------------
@@ -627,6 +628,8 @@ def render(facts: RunFacts, summary: Summary, md_path: Path) -> str:
     name = run.path.resolve().name
     md: list[str] = [f"# Distillation run `{name}`", ""]
     md += [f"`{run.path.resolve()}` · report written {now} by datm_fast {__version__}", ""]
+    if facts.failure is not None:
+        md += [f"**This run failed**: {facts.failure}", ""]
     md += ["## Summary", ""] + _table(["", ""], summary.summary_rows) + [""]
 
     md += ["## Accuracy", ""]

@@ -238,8 +238,12 @@ def test_an_lr_teacher_outside_the_sane_range_is_refused(tiny, tmp_path, capsys)
 def test_a_run_that_learns_nothing_or_garbage_fails(tiny, tmp_path, capsys, keys, words):
     out = tmp_path / "run"
     assert _distill(tiny, out, "--no-eval", *keys) == 2
-    _one_line_error(capsys, *words)
+    line = _one_line_error(capsys, *words)
     _saved_tensors_are_sane(out)
+    # The run directory says why it holds no result, and its report says so first.
+    assert RunDir(out).failure() is not None and RunDir(out).failure() in line
+    assert main(["report", str(out)]) == 0
+    assert f"**This run failed**: {RunDir(out).failure()}" in (out / RunDir.REPORT).read_text()
 
 
 # ----- 7. a read-only place ---------------------------------------------------------------------------------

@@ -557,6 +557,10 @@ def distill(
             loggers=[lg for lg in loggers if not isinstance(lg, str)],
             logger_names=logger_names,
         )
+    except DistillationFailed as exc:
+        if run is not None:
+            run.record_failure(f"{exc}")
+        raise
     finally:
         if owned is not None:
             owned.finish()
@@ -606,6 +610,7 @@ def _distill(
     if run is not None:
         run.write_config(config)
         run.write_record(RunRecord(data_spec, config.matching.model, learning.ipc))
+        run.clear_failure()
 
     images, labels = initialize_synthetic_set(data, experts, config, problem.spec, device=device)
     images = images.detach().clone().requires_grad_(True)

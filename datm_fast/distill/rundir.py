@@ -13,6 +13,7 @@ checks on what is read back.
 ``eval_<tag>.json``       evaluations of a set (``datm-fast eval``)
 ``eval_best_vs_random_real.json``  the kept set beside random real subsets of its size (the pipelines)
 ``report.md``             ``datm-fast report`` (with ``curves.png``)
+``failure.txt``           why the run stopped without a result (its set diverged, or no update applied)
 ``tensorboard/``          TensorBoard's event files, when asked for (``wandb_run_id.txt``: wandb's run)
 ========================  ==========================================================================
 
@@ -265,6 +266,7 @@ class RunDir:
     REPORT = "report.md"
     TENSORBOARD = "tensorboard"
     WANDB_ID = "wandb_run_id.txt"  # the wandb run a resumed run continues
+    FAILURE = "failure.txt"  # why the run stopped without a result (DistillationFailed), while it stands
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
@@ -438,6 +440,21 @@ class RunDir:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: not readable as JSON ({e})") from e
         return RunRecord.from_json(raw, str(path))
+
+    # ----- a failed run -------------------------------------------------------------------------------
+    def record_failure(self, message: str) -> None:
+        """Say in ``failure.txt`` why the run stopped without a result (the report shows it first)."""
+        with atomic_write(self.file(self.FAILURE), "w") as f:
+            f.write(message.rstrip() + "\n")
+
+    def clear_failure(self) -> None:
+        """A run that goes on (resumed, or started again) is no longer failed."""
+        self.file(self.FAILURE).unlink(missing_ok=True)
+
+    def failure(self) -> str | None:
+        """Why the run failed, or None."""
+        path = self.file(self.FAILURE)
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
     # ----- sets ---------------------------------------------------------------------------------------
     def save_set(self, tag: str, images: Tensor, labels: Tensor, lr: float) -> None:
