@@ -4,7 +4,8 @@ of upstream's ``evaluate_synset`` loop timed in the same process; on a GPU also 
 (batch 128) at once, projected to the protocol's 1001 passes.
 
 Run:  pytest benchmarks/bench_evaluate.py --benchmark-only [--benchmark-json out.json]
-      python benchmarks/bench_evaluate.py [--retain-memory] [--repeats 5]   # a table for RESULTS.md
+      python benchmarks/bench_evaluate.py [--device cuda] [--retain-memory] [--repeats 5] [--json F]
+                                                                          # a table for RESULTS.md
 
 Providers:
     upstream             DataLoader(TensorDataset, shuffle=True), nn.Module, torch.optim.SGD, upstream's
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,81 +38,15 @@ from torch.utils.data import DataLoader, TensorDataset
 from datm_fast.evaluate import EvalConfig
 from datm_fast.evaluate._engine import TrainSet, _stack, _train_stack, _train_test_module, make_run_rngs
 from datm_fast.models import get_network
+from datm_fast.reference.upstream_unroll import DSA_STRATEGY, ParamDiffAug, diff_augment
 
 PROVIDERS = ("upstream", "module", "functional", "functional+compile")
 
 
 # ----- upstream's loop, re-stated for timing (MTT/DATM utils: DiffAugment, epoch, evaluate_synset) ----------
-class _ParamDiffAug:
-    prob_flip, ratio_scale, ratio_rotate, ratio_crop_pad, ratio_cutout = 0.5, 1.2, 15.0, 0.125, 0.5
-    brightness, saturation, contrast = 1.0, 2.0, 0.5
-
-
-def _up_scale(x: torch.Tensor, p: _ParamDiffAug) -> torch.Tensor:
-    r = p.ratio_scale
-    sx = torch.rand(x.shape[0]) * (r - 1.0 / r) + 1.0 / r
-    sy = torch.rand(x.shape[0]) * (r - 1.0 / r) + 1.0 / r
-    theta = torch.tensor([[[sx[i], 0, 0], [0, sy[i], 0]] for i in range(x.shape[0])], dtype=torch.float)
-    grid = F.affine_grid(theta, x.shape, align_corners=True).to(x.device)
-    return F.grid_sample(x, grid, align_corners=True)
-
-
-def _up_rotate(x: torch.Tensor, p: _ParamDiffAug) -> torch.Tensor:
-    t = (torch.rand(x.shape[0]) - 0.5) * 2 * p.ratio_rotate / 180 * math.pi
-    theta = torch.tensor(
-        [[[torch.cos(t[i]), torch.sin(-t[i]), 0], [torch.sin(t[i]), torch.cos(t[i]), 0]] for i in range(x.shape[0])],
-        dtype=torch.float,
-    )
-    grid = F.affine_grid(theta, x.shape, align_corners=True).to(x.device)
-    return F.grid_sample(x, grid, align_corners=True)
-
-
-def _up_color(x: torch.Tensor, p: _ParamDiffAug) -> torch.Tensor:
-    rand = lambda: torch.rand(x.size(0), 1, 1, 1, dtype=x.dtype, device=x.device)  # noqa: E731
-    x = x + (rand() - 0.5) * p.brightness
-    m = x.mean(dim=1, keepdim=True)
-    x = (x - m) * (rand() * p.saturation) + m
-    m = x.mean(dim=[1, 2, 3], keepdim=True)
-    return (x - m) * (rand() + p.contrast) + m
-
-
-def _up_crop(x: torch.Tensor, p: _ParamDiffAug) -> torch.Tensor:
-    sx, sy = int(x.size(2) * p.ratio_crop_pad + 0.5), int(x.size(3) * p.ratio_crop_pad + 0.5)
-    tx = torch.randint(-sx, sx + 1, size=[x.size(0), 1, 1], device=x.device)
-    ty = torch.randint(-sy, sy + 1, size=[x.size(0), 1, 1], device=x.device)
-    gb, gx, gy = torch.meshgrid(
-        *(torch.arange(n, dtype=torch.long, device=x.device) for n in (x.size(0), x.size(2), x.size(3))), indexing="ij"
-    )
-    gx = torch.clamp(gx + tx + 1, 0, x.size(2) + 1)
-    gy = torch.clamp(gy + ty + 1, 0, x.size(3) + 1)
-    xp = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0])
-    return xp.permute(0, 2, 3, 1).contiguous()[gb, gx, gy].permute(0, 3, 1, 2)
-
-
-def _up_cutout(x: torch.Tensor, p: _ParamDiffAug) -> torch.Tensor:
-    cs = int(x.size(2) * p.ratio_cutout + 0.5), int(x.size(3) * p.ratio_cutout + 0.5)
-    ox = torch.randint(0, x.size(2) + (1 - cs[0] % 2), size=[x.size(0), 1, 1], device=x.device)
-    oy = torch.randint(0, x.size(3) + (1 - cs[1] % 2), size=[x.size(0), 1, 1], device=x.device)
-    gb, gx, gy = torch.meshgrid(
-        *(torch.arange(n, dtype=torch.long, device=x.device) for n in (x.size(0), cs[0], cs[1])), indexing="ij"
-    )
-    gx = torch.clamp(gx + ox - cs[0] // 2, min=0, max=x.size(2) - 1)
-    gy = torch.clamp(gy + oy - cs[1] // 2, min=0, max=x.size(3) - 1)
-    mask = torch.ones(x.size(0), x.size(2), x.size(3), dtype=x.dtype, device=x.device)
-    mask[gb, gx, gy] = 0
-    return x * mask.unsqueeze(1)
-
-
-def _up_flip(x: torch.Tensor, p: _ParamDiffAug) -> torch.Tensor:
-    return torch.where(torch.rand(x.size(0), 1, 1, 1, device=x.device) < p.prob_flip, x.flip(3), x)
-
-
-_UP_FNS = (_up_color, _up_crop, _up_cutout, _up_flip, _up_scale, _up_rotate)
-
-
 def _upstream_diff_augment(x: torch.Tensor) -> torch.Tensor:
-    fn = _UP_FNS[torch.randint(0, len(_UP_FNS), size=(1,)).item()]  # mode 'S': one group per batch
-    return fn(x, _ParamDiffAug()).contiguous()
+    # evaluate_synset's call: DiffAugment(img, args.dsa_strategy, param=args.dsa_param), per-sample (seed -1).
+    return diff_augment(x, DSA_STRATEGY, param=ParamDiffAug())
 
 
 def _upstream_runner(images: torch.Tensor, logits: torch.Tensor, batch: int, passes: int) -> Callable[[], None]:
@@ -185,6 +122,8 @@ def test_eval_epoch_cpu(benchmark, provider, ipc):
     run = make_runner(provider, ipc, torch.device("cpu"), passes)
     run()  # warm-up (compiles for +compile)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: the run above was a smoke test, there are no figures
+        return
     per_epoch = benchmark.stats.stats.min / passes
     benchmark.extra_info.update(
         {
@@ -204,6 +143,8 @@ def test_eval_ipc1000_five_runs_gpu(benchmark, provider):
     run = make_runner(provider, 1000, device, passes, runs=5, batch=128)
     run()
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: the run above was a smoke test, there are no figures
+        return
     per_epoch = benchmark.stats.stats.min / passes
     benchmark.extra_info.update(
         {
@@ -233,30 +174,46 @@ def main() -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--ipc", default="10,50")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where every row is timed (default: cuda when available); on cuda also 5 runs at IPC 1000",
+    )
+    parser.add_argument("--no-ipc1000", action="store_true", help="skip the 5 x IPC 1000 rows on cuda")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here (after every row)")
     parser.add_argument("--retain-memory", action="store_true", help="datm_fast.utils.retain_freed_memory() first")
     args = parser.parse_args()
     if args.retain_memory:
         from datm_fast.utils import retain_freed_memory
 
         print("retain_freed_memory:", retain_freed_memory())
-    cpu = torch.device("cpu")
+    device = torch.device(args.device)
     now = datetime.datetime.now().isoformat(timespec="minutes")
-    print(f"# {now}  {device_name(cpu)}  torch {torch.__version__}  python {platform.python_version()}")
+    header = {"date": now, "device": device_name(device), "torch": torch.__version__}
+    rows: list[dict[str, object]] = []
+
+    def keep(row: dict[str, object]) -> None:
+        rows.append(row)
+        if args.json is not None:  # after every row: a run stopped by a time limit keeps what it measured
+            args.json.write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n")
+
+    print(f"# {now}  {device_name(device)}  torch {torch.__version__}  python {platform.python_version()}")
     print("| IPC | provider | s/epoch (min) | s/epoch (median) | vs upstream (min) |")
     print("|---|---|---|---|---|")
     for ipc in (int(v) for v in args.ipc.split(",")):
         providers = args.providers.split(",")
         passes = {p: 3 if ipc <= 10 else 2 for p in providers}
-        times = _time({p: make_runner(p, ipc, cpu, passes[p]) for p in providers}, passes, args.repeats)
+        times = _time({p: make_runner(p, ipc, device, passes[p]) for p in providers}, passes, args.repeats)
         base = min(times["upstream"]) if "upstream" in times else math.nan
         for p, ts in times.items():
             print(f"| {ipc} | {p} | {min(ts):.3f} | {statistics.median(ts):.3f} | {base / min(ts):.2f}x |", flush=True)
-    if torch.cuda.is_available():
-        dev = torch.device("cuda")
-        print(f"# GPU {device_name(dev)}: 5 runs at IPC 1000, batch 128, projected to 1001 passes")
+            keep({"ipc": ipc, "provider": p, "seconds_per_epoch": ts, "vs_upstream": base / min(ts)})
+    if device.type == "cuda" and not args.no_ipc1000:
+        print(f"# GPU {device_name(device)}: 5 runs at IPC 1000, batch 128, projected to 1001 passes")
         for p in ("functional", "functional+compile"):
-            times = _time({p: make_runner(p, 1000, dev, 3, runs=5, batch=128)}, {p: 3}, 2)
+            times = _time({p: make_runner(p, 1000, device, 3, runs=5, batch=128)}, {p: 3}, 2)
             print(f"| 1000 x5 | {p} | {min(times[p]):.3f} s/epoch | {1001 * min(times[p]):.0f} s projected |")
+            keep({"ipc": 1000, "runs": 5, "provider": p, "seconds_per_epoch": times[p]})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ Each measurement times whole distillation iterations (the unroll plus ``loss.bac
 engine on random expert parameters and random synthetic data, so it needs no buffer. Used by
 ``datm-fast bench`` and ``benchmarks/bench_unroll.py``.
 
+Beside our engines, ``upstream-full`` and ``upstream-tesla`` time upstream DATM's own inner loops
+(``distill/DATM.py`` and ``distill/DATM_tesla.py``, re-stated in
+:mod:`datm_fast.reference.upstream_unroll`, per-sample DiffAugment included) at the same shapes in the
+same run, so a table's upstream figures come from the machine it was measured on.
+
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU. On CPU it is the peak resident set size
 of the process, so each (shape, engine) pair runs in a fresh subprocess when ``isolate=True`` (the
 default of the command): one process's peak would otherwise hide the next one's.
@@ -25,14 +30,17 @@ from typing import Any
 import torch
 
 from .augment import DSAConfig
+from .distill.step_graphs import StepGraphs
 from .distill.unroll import EngineOptions, trajectory_matching_loss
 from .models import ConvNetSpec, init_flat_params
+from .reference.upstream_unroll import upstream_full_iteration, upstream_minibatches, upstream_tesla_iteration
 from .utils import peak_rss_bytes
 
 __all__ = [
     "BenchShape",
     "SHAPES",
     "UPSTREAM",
+    "UPSTREAM_ENGINES",
     "BenchResult",
     "engine_options",
     "run_bench",
@@ -97,6 +105,10 @@ UPSTREAM: dict[str, dict[str, dict[str, tuple[float, float] | None]]] = {
 }
 
 
+# Engines that run upstream's own loop (re-stated), and which of our engines computes the same function.
+UPSTREAM_ENGINES: dict[str, str] = {"upstream-full": "full", "upstream-tesla": "tesla"}
+
+
 @dataclass
 class BenchResult:
     shape: str
@@ -146,8 +158,16 @@ def engine_options(engine: str, *, micro_batch: int | None = None, backend: str 
     """The engine options a benchmark ``engine`` names: ``full``, ``exact`` or ``tesla``, optionally with
     option changes after a colon, ``exact:fused=false,step=autograd`` (any :class:`EngineOptions` field;
     values are read as the config reads them). ``micro_batch`` and ``backend`` apply unless the name sets them.
+
+    ``upstream-full`` and ``upstream-tesla`` (:data:`UPSTREAM_ENGINES`) run upstream's loop as it is
+    written, which takes no options; for them this returns the options of our engine that computes the
+    same function with PyTorch's ops (``full`` or ``tesla``, unfused, through autograd).
     """
     unroll, _, rest = engine.partition(":")
+    if unroll in UPSTREAM_ENGINES:
+        if rest:
+            raise ValueError(f"engine {engine!r}: {unroll} is upstream's loop as written and takes no options")
+        return EngineOptions(unroll=UPSTREAM_ENGINES[unroll], fused=False, step="autograd", backend="torch")  # type: ignore[arg-type]
     changes: dict[str, str] = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
@@ -161,9 +181,15 @@ def engine_options(engine: str, *, micro_batch: int | None = None, backend: str 
     return EngineOptions(**{**base, "unroll": unroll, **changes})  # type: ignore[arg-type]
 
 
-def _iteration(spec, problem, shape, options: EngineOptions, seed, device):
+def _iteration(spec, problem, shape, options: EngineOptions, seed, device, leaves=None, step_graphs=None):
+    """One iteration; ``leaves`` (the set as leaf tensors, reused as the outer loop reuses its set) and
+    ``step_graphs`` (the run's static steps) let ``graphs=on`` capture once and replay after."""
     start, target, images, labels, lr = problem
-    x, y, a = (t.detach().clone().requires_grad_() for t in (images, labels, lr))
+    if leaves is None:
+        leaves = tuple(t.detach().clone().requires_grad_() for t in (images, labels, lr))
+    x, y, a = leaves
+    for t in leaves:
+        t.grad = None
     gen = torch.Generator(device=device).manual_seed(seed)
     host = torch.Generator().manual_seed(seed)
     loss = trajectory_matching_loss(
@@ -179,9 +205,22 @@ def _iteration(spec, problem, shape, options: EngineOptions, seed, device):
         generator=gen,
         host_generator=host,
         options=options,
+        step_graphs=step_graphs,
     )
     loss.backward()
     return loss.detach(), x.grad, y.grad, a.grad
+
+
+def _upstream_iteration(spec, problem, shape, engine: str, seed, device):
+    """One iteration of upstream's loop (``engine`` in :data:`UPSTREAM_ENGINES`) with its per-sample
+    DiffAugment, drawing its minibatches and augmentations from the global RNG, as upstream does."""
+    start, target, images, labels, lr = problem
+    x, y, a = (t.detach().clone().requires_grad_() for t in (images, labels, lr))
+    torch.manual_seed(seed)  # the caller forks the global RNG: seeding here leaves the process's state alone
+    indices = upstream_minibatches(shape.num_images, shape.syn_steps, shape.batch_syn)
+    iteration = upstream_full_iteration if engine == "upstream-full" else upstream_tesla_iteration
+    loss = iteration(spec, start, target, x, y, a, indices, augment=True)
+    return loss, x.grad, y.grad, a.grad
 
 
 def run_bench(
@@ -196,25 +235,44 @@ def run_bench(
     seed: int = 0,
 ) -> BenchResult:
     """Time ``iterations`` distillation iterations of ``engine`` (see :func:`engine_options`: ``exact``,
-    ``exact:fused=false``, ...) at ``shape`` in this process."""
+    ``exact:fused=false``, ..., or upstream's loop, ``upstream-full`` and ``upstream-tesla``) at ``shape``
+    in this process."""
     options = engine_options(engine, micro_batch=micro_batch, backend=backend)
     device = torch.device(device)
+    upstream = engine.partition(":")[0] in UPSTREAM_ENGINES
     result = BenchResult(
-        shape.name, engine, str(device), shape.syn_steps, shape.batch_syn, shape.num_images, micro_batch
+        shape.name,
+        engine,
+        str(device),
+        shape.syn_steps,
+        shape.batch_syn,
+        shape.num_images,
+        None if upstream else micro_batch,  # upstream's loop takes whole minibatches
     )
     spec, *problem = _problem(shape, device, torch.float32, seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result.baseline_gb = _peak_gb(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    # One set of leaves and one StepGraphs for the whole run, as distill keeps them: graphs=on captures
+    # in the warm-up iteration and replays in the timed ones.
+    _, _, images, labels, lr = problem
+    leaves = tuple(t.detach().clone().requires_grad_() for t in (images, labels, lr))
+    step_graphs = StepGraphs()
+    # Upstream's loop draws from the global RNG: forked, so that the run leaves the process's state as it was.
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=upstream)
     try:
-        for i in range(warmup + iterations):
-            sync()
-            t0 = time.perf_counter()
-            _iteration(spec, problem, shape, options, seed + i, device)
-            sync()
-            if i >= warmup:
-                result.seconds.append(time.perf_counter() - t0)
+        with rng:
+            for i in range(warmup + iterations):
+                sync()
+                t0 = time.perf_counter()
+                if upstream:
+                    _upstream_iteration(spec, problem, shape, engine, seed + i, device)
+                else:
+                    _iteration(spec, problem, shape, options, seed + i, device, leaves, step_graphs)
+                sync()
+                if i >= warmup:
+                    result.seconds.append(time.perf_counter() - t0)
     except torch.cuda.OutOfMemoryError as exc:  # the point of the exercise for `full` at large IPC
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     result.peak_gb = _peak_gb(device)

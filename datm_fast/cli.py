@@ -88,7 +88,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench import SHAPES, UPSTREAM, check_exact, engine_options, environment, run_bench, run_bench_isolated
+    from .bench import (
+        SHAPES,
+        UPSTREAM,
+        UPSTREAM_ENGINES,
+        check_exact,
+        engine_options,
+        environment,
+        run_bench,
+        run_bench_isolated,
+    )
     from .utils import atomic_write
 
     device = torch.device(args.device)
@@ -98,7 +107,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         raise ValueError(f"unknown bench config(s) {', '.join(unknown)}; expected some of: {', '.join(SHAPES)}")
-    engines = [e.strip() for e in args.engines.split(";" if ":" in args.engines else ",")]
+    # ';' separates engines whenever one carries options (whose own separator is ','), or when it is used at all.
+    engines = [e.strip() for e in args.engines.split(";" if ":" in args.engines or ";" in args.engines else ",")]
     for engine in engines:
         engine_options(engine)  # a misspelt engine or option fails before any work, naming it
     env = environment()
@@ -131,7 +141,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             )
             results[engine] = r
             rows.append(r.to_dict())
-            ref = upstream.get(name, {}).get(engine, "n/a")  # upstream's loop, for the plain engine names
+            # upstream's loop, quoted, for the plain engine names and for our re-statement of that loop
+            ref = upstream.get(name, {}).get(UPSTREAM_ENGINES.get(engine, engine), "n/a")
             ref_text = "–" if ref == "n/a" else ("out of memory" if ref is None else f"{ref[0]:.2f} s, {ref[1]:.2f} GB")
             if args.steps_scale != 1.0 and ref_text != "–":
                 ref_text += f" (at {SHAPES[name].syn_steps} steps)"  # upstream's figures are at full size
@@ -352,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engines",
         default="full,exact,tesla",
         help="comma-separated engines, or ';'-separated when they carry options: "
-        "'exact;exact:fused=false,step=autograd'",
+        "'exact;exact:fused=false,step=autograd'; upstream-full and upstream-tesla time upstream's own loops "
+        "(re-stated) in the same run",
     )
     p.add_argument("--device", default="cuda" if _cuda_visible() else "cpu")
     p.add_argument("--iterations", type=int, default=2, help="timed iterations per engine")
@@ -362,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--micro-batch",
         type=int,
         default=None,
-        help="micro-batch of exact/tesla (default: auto, a step graph of at most 256 MiB)",
+        help="micro-batch of exact/tesla (default: auto: on CPU a step graph of at most 256 MiB, on GPU the whole "
+        "batch where a quarter of the free memory holds it)",
     )
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all in this process")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the exact-vs-full check")

@@ -35,3 +35,25 @@ def test_bench_command_writes_a_row_per_engine(tmp_path, capsys):
     assert [r["engine"] for r in rows] == ["full", "exact:step=autograd"] and all(r["mean_s"] > 0 for r in rows)
     assert main([*args, "--engines", "exact:colour=red"]) == 2
     assert "unknown engine option(s) colour" in capsys.readouterr().err
+
+
+def test_upstream_engines_run_beside_ours(tmp_path, capsys):
+    """upstream-full and upstream-tesla time upstream's own loops (re-stated) at the same shape, in the same table."""
+    assert engine_options("upstream-full").unroll == "full" and engine_options("upstream-tesla").unroll == "tesla"
+    with pytest.raises(ValueError, match="takes no options"):
+        engine_options("upstream-full:micro_batch=2")
+    with pytest.raises(ValueError, match="unroll must be one of"):
+        engine_options("upstream-exact")
+    out = tmp_path / "bench.json"
+    args = ["bench", "--configs", "cifar10-ipc1", "--steps-scale", "0.025", "--iterations", "1", "--warmup", "0"]
+    engines = "exact;upstream-full;upstream-tesla"
+    assert main([*args, "--engines", engines, "--no-isolate", "--no-check", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for engine in engines.split(";"):
+        assert f"| cifar10-ipc1 | 10 x 2 | {engine} |" in printed
+    assert "| upstream-tesla | " in printed and "8.40 s, 0.64 GB (at 80 steps)" in printed  # the quoted figure too
+    rows = json.loads(out.read_text())["results"]
+    assert [r["engine"] for r in rows] == engines.split(";")
+    assert all(r["error"] is None and r["mean_s"] > 0 and r["syn_steps"] == 2 for r in rows)
+    assert main([*args, "--engines", "exact;upstream-fast", "--no-isolate", "--no-check"]) == 2
+    assert "unroll must be one of" in capsys.readouterr().err

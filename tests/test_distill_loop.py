@@ -20,6 +20,7 @@ from datm_fast.distill.loop import (
     expert_for_iteration,
 )
 from datm_fast.distill.rundir import RunDir, RunDirError
+from datm_fast.distill.step_graphs import StaticStep
 from datm_fast.models import convnet_forward, convnet_spec_from_name, init_flat_params
 
 
@@ -324,3 +325,19 @@ def test_matching_loss_falls_on_real_mnist(shared_data, session_cache_dir):
     losses = [row["loss"] for row in result.history]
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.9 * first, (first, last)
+
+
+def test_static_steps_give_the_same_run(monkeypatch):
+    """graphs=on (one StepGraphs per run, steps built in the first iteration and reused) changes how the
+    steps run, not what they compute: the same set, bit for bit, after several outer updates."""
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32")
+    config = load_config(BASE, iterations=3)
+    eager = distill(data, experts, config, progress=False)
+    calls = []
+    original = StaticStep.__call__
+    monkeypatch.setattr(StaticStep, "__call__", lambda self, **values: calls.append(1) or original(self, **values))
+    static = distill(data, experts, config.replace(graphs="on"), progress=False)
+    assert len(calls) >= 4 * config.syn_steps  # every roll-out and reverse micro-step ran as a static step
+    assert torch.equal(static.images, eager.images) and torch.equal(static.labels, eager.labels)
+    assert static.lr == eager.lr

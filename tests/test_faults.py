@@ -402,11 +402,11 @@ def _computed(run: Path) -> list[dict]:
 
 def test_kill_9_of_eval_then_rerun_equals_uninterrupted(tiny, tmp_path):
     rng = random.Random(FAULT_SEED + 2)
-    args = ["eval", tiny["run"], "--runs", "1", "--epochs", "1000", "--device", "cpu"]
+    args = ["eval", tiny["run"], "--runs", "1", "--epochs", "400", "--device", "cpu"]
     reference = _run(*args, "--quiet", "--out", tmp_path / "reference.json", cache=tiny["cache"])
     assert reference.returncode == 0, reference.stderr
     out, progress = tmp_path / "eval.json", tmp_path / "progress.txt"
-    epoch = rng.randint(1, 800)  # killed in training, once the progress bar has passed this epoch
+    epoch = rng.randint(1, 300)  # killed in training, once the progress bar has passed this epoch
     _kill_at([*args, "--out", out], tiny["cache"], lambda: _epochs_done(progress) >= epoch, 0.0, stderr=progress)
     assert not out.exists()  # the killed eval left no half-written results
     done = _run(*args, "--quiet", "--out", out, cache=tiny["cache"])

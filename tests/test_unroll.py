@@ -15,7 +15,14 @@ from conv_count import ConvCalls
 
 from datm_fast.augment import DSAConfig, apply_dsa
 from datm_fast.distill import estimate_full_unroll_bytes, make_unroll_plan, trajectory_matching_loss
+from datm_fast.distill.step_graphs import StaticStep, StepGraphs
 from datm_fast.models import ConvNet, ConvNetSpec, init_flat_params
+from datm_fast.reference.upstream_unroll import (
+    ParamDiffAug,
+    diff_augment,
+    upstream_full_iteration,
+    upstream_tesla_iteration,
+)
 
 unroll_module = importlib.import_module("datm_fast.distill.unroll")  # the package attribute is the function
 
@@ -350,3 +357,317 @@ def test_engines_read_no_tensor_value_on_the_host_once_the_plan_is_drawn(unroll,
     monkeypatch.undo()
     assert reads == []
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ----- upstream's loops, re-stated (datm_fast.reference.upstream_unroll) -------------------------------------
+def _upstream_grads(iteration, spec, problem, indices, **kwargs):
+    start, target, images, labels, lr = problem
+    x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
+    loss = iteration(spec, start, target, x, y, a, indices, **kwargs)
+    return loss, x.grad, y.grad, a.grad
+
+
+def test_upstream_loops_compute_what_our_engines_compute():
+    """Fed the same minibatches (no augmentation, float64): upstream's DATM.py loop gives our full and exact
+    engines' loss and gradients, and upstream's DATM_tesla.py loop our tesla engine's."""
+    spec = ConvNetSpec(3, 4, 8, width=6, depth=2)
+    problem = _problem(spec, 12, seed=12)
+    # 5 does not divide 12: a short chunk first, as upstream pops them; 7 steps span three permutations.
+    plan = make_unroll_plan(12, 7, 5, image_size=(8, 8), augment=None, generator=torch.Generator().manual_seed(13))
+    indices = [step.indices for step in plan.steps]
+    up_full = _upstream_grads(upstream_full_iteration, spec, problem, indices)
+    up_tesla = _upstream_grads(upstream_tesla_iteration, spec, problem, indices)
+    ours = {
+        "full": _grads(spec, problem, plan, unroll="full"),
+        "exact": _grads(spec, problem, plan, unroll="exact", micro_batch=2),
+        "tesla": _grads(spec, problem, plan, unroll="tesla", micro_batch=2),
+    }
+    names = ("loss", "images", "labels", "lr")
+    for engine, upstream in (("full", up_full), ("exact", up_full), ("tesla", up_tesla)):
+        for name, got, ref in zip(names, ours[engine], upstream):
+            assert ref.abs().max() > 0, f"upstream's {name} gradient must not vanish in this problem"
+            assert _rel(got, ref) < 1e-10, (engine, name, _rel(got, ref))
+    # The two upstream loops differ where TESLA drops the dependence between steps: the comparison above
+    # would not notice a TESLA re-statement that computed the exact gradient.
+    assert _rel(up_tesla[1], up_full[1]) > 0.05 and _rel(up_tesla[3], up_full[3]) > 0.01
+
+
+def test_upstream_tesla_reuses_the_first_pass_augmentation():
+    """With DiffAugment on, TESLA's second pass differentiates the batch its first pass augmented (drawing
+    nothing new): at one step it is the full unroll's gradient, given the same global RNG state."""
+    spec = ConvNetSpec(3, 4, 8, width=6, depth=2)
+    problem = _problem(spec, 6, seed=14, dtype=torch.float32)
+    for steps, seed in ((1, 0), (1, 1), (3, 2)):
+        indices = [torch.randperm(6, generator=torch.Generator().manual_seed(seed + i))[:4] for i in range(steps)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            full = _upstream_grads(upstream_full_iteration, spec, problem, indices, augment=True)
+            torch.manual_seed(seed)
+            tesla = _upstream_grads(upstream_tesla_iteration, spec, problem, indices, augment=True)
+        assert abs(tesla[0] - full[0]) <= 1e-5 * full[0], "the same draws: the same roll-out"
+        if steps == 1:
+            for got, ref in zip(tesla[1:], full[1:]):
+                assert _rel(got, ref) < 1e-5
+    plain = _upstream_grads(upstream_full_iteration, spec, problem, indices)
+    assert _rel(plain[1], full[1]) > 1e-3, "augmentation changes the gradient"
+
+
+def test_upstream_diff_augment_seed_handling():
+    """seed -1: per-sample values from the global RNG; another seed: one value for the batch, reseeded."""
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)).expand(4, 3, 8, 8)
+    param = ParamDiffAug()
+    with torch.random.fork_rng(devices=[]):  # a seed reseeds the global RNG, as upstream's does
+        a, b = diff_augment(x, "crop", seed=5, param=param), diff_augment(x, "crop", seed=5, param=param)
+        assert torch.equal(a, b) and param.batchmode and param.latestseed == 5 + 3  # choice, x and y shifts
+        assert all(torch.equal(a[i], a[0]) for i in range(4)), "batchmode: the same crop for every sample"
+        assert not torch.equal(a[0], x[0])
+        torch.manual_seed(0)
+        c = diff_augment(x, "color", param=param)
+    assert not param.batchmode and param.latestseed == -1
+    assert len({tuple(c[i].flatten()[:4].tolist()) for i in range(4)}) == 4, "per sample: values of its own"
+    assert diff_augment(x, "none", param=param) is x
+
+
+# ----- micro_batch=None by device, and the host generator of a GPU plan ---------------------------------
+CIFAR_CONVNET = ConvNetSpec(3, 10, 32, width=128, depth=3)
+
+
+def test_default_micro_batch_by_device():
+    """CUDA: the whole step batch where its graph fits in a quarter of the free memory, else the most
+    images that fit; CPU (and CUDA with the free memory unknown): the 256 MiB rule; batch norm: whole."""
+    choose = unroll_module.choose_micro_batch
+    f32 = torch.float32
+    per_sample = unroll_module._graph_bytes_per_sample(CIFAR_CONVNET, f32)
+    assert per_sample == 12 * 128 * (32 * 32 + 16 * 16 + 8 * 8) * 4  # the bound every number below follows
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cuda", free_bytes=100 * 10**9) == 100
+    assert choose(CIFAR_CONVNET, 500, f32, device_type="cuda", free_bytes=100 * 10**9) == 500
+    # 1 GB free: a quarter holds 250e6 // 8_257_536 = 30 graphs (not the CPU rule's 32); 100 runs as 4 x 25.
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cuda", free_bytes=10**9) == 10**9 // 4 // per_sample == 30
+    assert unroll_module._micro_batches(CIFAR_CONVNET, 100, 30, f32) == [slice(s, s + 25) for s in range(0, 100, 25)]
+    # The boundary: whole exactly when 100 graphs fit in a quarter.
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cuda", free_bytes=4 * 100 * per_sample) == 100
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cuda", free_bytes=4 * 100 * per_sample - 4) == 99
+    assert choose(CIFAR_CONVNET, 100, torch.float64, device_type="cuda", free_bytes=4 * 100 * per_sample) == 50
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cuda", free_bytes=0) == 1
+    # CPU: the measured 256 MiB rule, whatever the free memory; a smaller batch stays whole.
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cpu", free_bytes=None) == 2**28 // per_sample == 32
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cpu", free_bytes=100 * 10**9) == 32
+    assert choose(CIFAR_CONVNET, 10, f32, device_type="cpu", free_bytes=None) == 10
+    assert choose(CIFAR_CONVNET, 100, f32, device_type="cuda", free_bytes=None) == 32
+    assert choose(ConvNetSpec(3, 200, 64, width=128, depth=4), 100, f32, device_type="cpu", free_bytes=None) == 8
+    batch_norm = ConvNetSpec(3, 10, 32, width=128, depth=3, norm="batch")
+    assert choose(batch_norm, 100, f32, device_type="cuda", free_bytes=0) == 100
+    assert choose(batch_norm, 100, f32, device_type="cpu", free_bytes=None) == 100
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        choose(CIFAR_CONVNET, 0, f32, device_type="cpu", free_bytes=None)
+
+
+def test_free_device_memory_is_read_only_on_cuda(monkeypatch):
+    """CUDA: the driver's free memory plus what the caching allocator holds unused, for the device
+    given; CPU: None, without a call into torch.cuda (faked here, so the test runs without a GPU)."""
+    calls = []
+
+    def fake(name, value):
+        def read(device=None):
+            calls.append((name, device))
+            return value
+
+        monkeypatch.setattr(torch.cuda, name, read)
+
+    fake("mem_get_info", (10 * 2**30, 140 * 2**30))
+    fake("memory_reserved", 3 * 2**30)
+    fake("memory_allocated", 2 * 2**30)
+    assert unroll_module._free_device_bytes(torch.device("cpu")) is None
+    assert calls == []
+    cuda1 = torch.device("cuda", 1)
+    assert unroll_module._free_device_bytes(cuda1) == 11 * 2**30
+    assert sorted(calls) == [("mem_get_info", cuda1), ("memory_allocated", cuda1), ("memory_reserved", cuda1)]
+
+
+def _spy_micro_batches(monkeypatch) -> list[tuple[int, int | None, int]]:
+    """Record (step batch, micro_batch, number of chunks) of every micro-batch split of the engine."""
+    seen = []
+    original = unroll_module._micro_batches
+
+    def spy(spec, batch_size, micro_batch, dtype):
+        chunks = original(spec, batch_size, micro_batch, dtype)
+        seen.append((batch_size, micro_batch, len(chunks)))
+        return chunks
+
+    monkeypatch.setattr(unroll_module, "_micro_batches", spy)
+    return seen
+
+
+def test_the_engine_splits_by_the_chosen_micro_batch_and_leaves_cuda_alone_on_cpu(monkeypatch):
+    spec = ConvNetSpec(3, 4, 8, width=4, depth=2)
+    problem = _problem(spec, 10, seed=12)
+    plan = make_unroll_plan(
+        10, 3, 5, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(1)
+    )
+    cuda_calls = []
+    for name in ("mem_get_info", "memory_reserved", "memory_allocated", "is_available", "device_count", "_lazy_init"):
+
+        def record(*args, _name=name, **kwargs):
+            cuda_calls.append(_name)
+            raise AssertionError(f"torch.cuda.{_name} called by a CPU unroll")
+
+        monkeypatch.setattr(torch.cuda, name, record)
+    seen = _spy_micro_batches(monkeypatch)
+    # The CPU rule, end to end: with room for 2 graphs in the CPU budget, each step of 5 runs as 3 chunks.
+    per_sample = unroll_module._graph_bytes_per_sample(spec, torch.float64)
+    monkeypatch.setattr(unroll_module, "AUTO_MICRO_BATCH_BYTES", 2 * per_sample)
+    reference = _grads(spec, problem, plan, unroll="exact", micro_batch=2)
+    seen.clear()
+    auto = _grads(spec, problem, plan, unroll="exact")
+    assert seen == [(5, 2, 3)] * 6  # 3 steps forward, 3 back
+    assert all(torch.equal(a, b) for a, b in zip(auto, reference))
+    # Whatever choose_micro_batch says is what the engine runs; it is asked once per unroll, off CUDA.
+    asked = []
+
+    def choose(spec_, batch_size, dtype, *, device_type, free_bytes):
+        asked.append((batch_size, dtype, device_type, free_bytes))
+        return 4
+
+    monkeypatch.setattr(unroll_module, "choose_micro_batch", choose)
+    seen.clear()
+    _grads(spec, problem, plan, unroll="tesla")
+    assert asked == [(5, torch.float64, "cpu", None)]
+    assert seen == [(5, 4, 2)] * 6
+    assert cuda_calls == []
+
+
+def test_derived_host_generator_is_a_pure_function_of_the_generator_state():
+    def draws(h: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, 2**62, (8,), generator=h)
+
+    derive = unroll_module.derive_host_generator
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    h = derive(g)
+    assert h.device.type == "cpu"
+    assert torch.equal(g.get_state(), state), "deriving must not advance the generator"
+    assert torch.equal(draws(h), draws(derive(g)))  # the same state, the same host stream
+    assert torch.equal(draws(derive(torch.Generator().manual_seed(5))), draws(derive(torch.Generator().manual_seed(5))))
+    first = draws(derive(g))
+    # Not the generator's own stream, nor one seeded with its seed.
+    assert not torch.equal(first, draws(torch.Generator().manual_seed(5)))
+    assert h.initial_seed() != g.initial_seed()
+    # A generator that has drawn since (as the previous plan did) gives another stream, and so does another seed.
+    torch.rand(1, generator=g)
+    assert not torch.equal(first, draws(derive(g)))
+    assert not torch.equal(first, draws(derive(torch.Generator().manual_seed(6))))
+
+
+def test_a_cpu_plan_draws_its_dsa_group_from_its_own_generator(monkeypatch):
+    """The derived host generator is for GPU generators only: a CPU plan's draws stay as they were."""
+    hosts = []
+    original = unroll_module.sample_dsa_params
+
+    def spy(*args, host_generator=None, **kwargs):
+        hosts.append(host_generator)
+        return original(*args, host_generator=host_generator, **kwargs)
+
+    monkeypatch.setattr(unroll_module, "sample_dsa_params", spy)
+    make_unroll_plan(6, 2, 3, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(0))
+    assert hosts == [None, None]
+    mine = torch.Generator().manual_seed(1)
+    make_unroll_plan(6, 1, 3, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator(), host_generator=mine)
+    assert hosts[-1] is mine
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_plan_and_default_micro_batch(monkeypatch):
+    """A CUDA generator without a host generator draws the plan of its derived one; micro_batch=None
+    reads the free memory and runs a batch of 40 CIFAR images whole (the CPU rule: 2 x 20)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    host = unroll_module.derive_host_generator(gen)
+    a = make_unroll_plan(40, 2, 40, image_size=(32, 32), augment=DSAConfig(), generator=gen)
+    gen.manual_seed(5)
+    b = make_unroll_plan(40, 2, 40, image_size=(32, 32), augment=DSAConfig(), generator=gen, host_generator=host)
+    for sa, sb in zip(a.steps, b.steps):
+        assert torch.equal(sa.indices, sb.indices) and sa.augment.groups == sb.augment.groups
+    assert unroll_module._free_device_bytes(torch.device("cuda")) > 4 * 40 * 8_257_536
+    seen = _spy_micro_batches(monkeypatch)
+    problem = tuple(t.cuda() for t in _problem(CIFAR_CONVNET, 40, seed=4, dtype=torch.float32))
+    _grads(CIFAR_CONVNET, problem, a, unroll="exact")
+    assert seen == [(40, 40, 1)] * 4
+
+
+# ----- static steps (CUDA graphs) ----------------------------------------------------------------------------
+@pytest.mark.parametrize("unroll", ["exact", "tesla"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_static_steps_equal_the_eager_steps_bit_for_bit(unroll, dtype):
+    """graphs=on runs each written-out step from its buffers (captured as a CUDA graph on a GPU, run as it
+    is here): the same ops on the same values, so the loss and every gradient are equal bit for bit."""
+    spec = ConvNetSpec(3, 4, 8, width=6, depth=2)
+    problem = _problem(spec, 10, seed=11, dtype=dtype)
+    plan = make_unroll_plan(
+        10, 6, 4, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(2)
+    )
+    eager = _grads(spec, problem, plan, unroll=unroll, micro_batch=3)
+    graphs = StepGraphs()
+    static = _grads(spec, problem, plan, unroll=unroll, micro_batch=3, graphs="on", step_graphs=graphs)
+    for got, ref in zip(static, eager):
+        assert torch.equal(got, ref)
+    # One static step per kind (roll-out, reverse) and DSA op groups drawn: batch 4 under a limit of 3 runs
+    # as 2 + 2, a single micro-batch shape.
+    assert len(graphs) == 2 * len({s.augment.groups for s in plan.steps})
+
+
+def test_static_steps_are_built_once_per_run_and_read_the_set_in_place(monkeypatch):
+    """A run keeps one StepGraphs: the second iteration builds no step, and the steps read the set's
+    storage as the outer optimiser leaves it (updated in place), not a copy taken when they were built."""
+    spec = ConvNetSpec(3, 4, 8, width=6, depth=2)
+    start, target, images, labels, lr = _problem(spec, 8, seed=5)
+    plan = make_unroll_plan(8, 4, 4, image_size=(8, 8), augment=DSAConfig(), generator=torch.Generator().manual_seed(6))
+    built = []
+    original = StaticStep.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(StaticStep, "__init__", counting)
+    x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
+    graphs = StepGraphs()
+    results, seen = [], []
+    for _ in range(2):
+        seen.append(x.detach().clone())
+        x.grad = y.grad = a.grad = None
+        trajectory_matching_loss(spec, start, target, x, y, a, plan=plan, graphs="on", step_graphs=graphs).backward()
+        results.append((x.grad.clone(), y.grad.clone(), a.grad.clone()))
+        with torch.no_grad():
+            x -= 10 * x.grad  # the outer step, in place
+    first = len(built)
+    assert first > 0 and len(built) == first  # nothing built in the second iteration
+    eager = _grads(spec, (start, target, seen[1], labels, lr), plan)
+    for got, ref in zip(results[1], eager[1:]):
+        assert torch.equal(got, ref)
+
+
+def test_a_static_step_refuses_inputs_it_was_not_built_for():
+    step = StaticStep(
+        lambda theta, indices: theta[indices] * 2,
+        {"theta": torch.zeros(5), "indices": torch.zeros(2, dtype=torch.long)},
+        capture=False,
+    )
+    assert torch.equal(step(theta=torch.arange(5.0), indices=torch.tensor([1, 3])), torch.tensor([2.0, 6.0]))
+    with pytest.raises(ValueError, match="expected the inputs"):
+        step(theta=torch.arange(5.0))
+    with pytest.raises(ValueError, match="input indices of shape \\(3,\\)"):
+        step(theta=torch.arange(5.0), indices=torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_static_steps_captured_as_cuda_graphs_equal_the_eager_steps():
+    spec = ConvNetSpec(3, 4, 8, width=6, depth=2)
+    problem = tuple(t.cuda() for t in _problem(spec, 10, seed=11))
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    plan = make_unroll_plan(10, 6, 4, image_size=(8, 8), augment=DSAConfig(), generator=gen)
+    eager = _grads(spec, problem, plan, micro_batch=3)
+    graphs = StepGraphs()
+    static = _grads(spec, problem, plan, micro_batch=3, graphs="on", step_graphs=graphs)
+    assert all(step.captured for step in graphs._steps.values())
+    for got, ref in zip(static, eager):
+        assert _rel(got, ref) < 1e-12

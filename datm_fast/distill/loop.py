@@ -39,6 +39,7 @@ from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
 from .rundir import RunDir, RunRecord
+from .step_graphs import StepGraphs
 from .unroll import least_unroll_bytes, trajectory_matching_loss
 
 __all__ = [
@@ -393,6 +394,8 @@ class _Problem:
     augment: DSAConfig | None
     batch_syn: int
     device: torch.device
+    # The run's static steps (EngineOptions.graphs "on"): each captured once per run, replayed after.
+    step_graphs: StepGraphs | None = None
 
 
 def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
@@ -417,6 +420,7 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
         generator=_generator(seed, "unroll", it, device=device),
         host_generator=_generator(seed, "unroll-host", it),
         options=config.engine,
+        step_graphs=problem.step_graphs,
     )
     optimisers = (state.opt_images, state.opt_lr, state.opt_labels)
     for opt in optimisers:
@@ -545,7 +549,15 @@ def distill(
             data,
             experts,
             config,
-            _Problem(spec, experts, config, _augment(config), batch_syn, device),
+            _Problem(
+                spec,
+                experts,
+                config,
+                _augment(config),
+                batch_syn,
+                device,
+                StepGraphs() if config.engine.graphs == "on" else None,
+            ),
             run,
             data_spec=data_spec,
             transform=transform,

@@ -35,9 +35,13 @@ the outer optimiser needs. Three engines compute it:
 
     A step's batch is split into micro-batches (samples are independent under instance norm, so the
     gradient is a sum over micro-batches); only one micro-batch's graph lives at a time. With batch
-    norm, whose statistics span the batch, the micro-batch is the whole batch.
+    norm, whose statistics span the batch, the micro-batch is the whole batch. ``micro_batch=None``
+    (:func:`choose_micro_batch`) depends on the device: on CPU the most images whose step graph fits
+    in 256 MiB (32 for the CIFAR ConvNet, so a batch of 100 runs as 4 x 25); on CUDA the whole step
+    batch when its graph fits in a quarter of the memory free when the unroll starts, else the most
+    images that do (a GPU runs small chunks launch-bound: the whole batch is 4-7x faster on an H200).
     Given a ``memory_budget`` that the full graph fits in, ``exact`` runs the ``full`` engine (same
-    gradient, faster at small IPC).
+    gradient; faster at small IPC on CPU, never on an H200: see ``EngineOptions.memory_budget_gb``).
 ``tesla``
     The approximation of upstream's ``DATM_tesla.py`` (Cui et al., TESLA, ICML 2023): every step's
     gradient is treated as independent of the earlier steps, so the adjoint stays ``lam_N`` and no
@@ -51,7 +55,9 @@ function.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, get_args
 
@@ -65,6 +71,7 @@ from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_param
 from ..ops import conv2d, matching_loss, soft_cross_entropy
 from .explicit_step import gradient, reverse_step
 from .settings import Section, above, at_least, setting
+from .step_graphs import StaticStep, StepGraphs
 
 __all__ = [
     "EngineOptions",
@@ -76,6 +83,8 @@ __all__ = [
     "estimate_full_unroll_bytes",
     "least_unroll_bytes",
     "auto_micro_batch",
+    "choose_micro_batch",
+    "derive_host_generator",
 ]
 
 Unroll = Literal["exact", "full", "tesla"]
@@ -114,12 +123,21 @@ class EngineOptions(Section):
     micro_batch: int | None = _placement(
         None,
         check=at_least(1),
-        help="most images per forward/backward chunk of an inner step (exact, tesla); null: auto (<= 256 MiB graph)",
+        help="most images per forward/backward chunk of an inner step (exact, tesla); null: auto (CPU: a step "
+        "graph <= 256 MiB; CUDA: the whole step batch where its graph fits in 1/4 of the free memory)",
     )
+    # None: never switch. On a GPU the full engine is never the faster one (H200, torch 2.11+cu130,
+    # 2026-12-04, CIFAR-10, 80 steps, seconds per iteration / peak allocated): IPC 1 full 0.81 s / 1.69 GB
+    # against exact 0.56 s; IPC 10 full 0.91 s / 14.5 GB against exact 0.45 s / 0.53 GB (whole batch).
     memory_budget_gb: float | None = _placement(
         None,
         check=above(0),
         help="GiB; exact runs the full-graph engine where its estimate fits (same gradient); null: never",
+    )
+    graphs: Literal["off", "on"] = _placement(
+        "off",
+        help="on: run each written-out inner step (exact, tesla) on static buffers and, on a GPU, capture it once "
+        "per run as a CUDA graph and replay it; off: launch every kernel (not yet measured on a GPU: off)",
     )
     step: Literal["auto", "autograd"] = _placement(
         "auto",
@@ -157,6 +175,24 @@ class UnrollPlan:
         return len(self.steps)
 
 
+def derive_host_generator(generator: torch.Generator) -> torch.Generator:
+    """A CPU generator seeded from ``generator``'s current state, for the draws a GPU stream must not make.
+
+    DSA's op group is drawn on the host (reading a device draw back would stall the GPU). With a GPU
+    ``generator`` and no host generator given, :func:`make_unroll_plan` draws it from this one, so the
+    plan stays a pure function of ``generator``'s state: the same state gives the same host
+    generator, and a generator that has drawn since (the previous plan advanced it) gives another.
+
+    The seed is a keyed hash of ``generator.get_state()`` (a CUDA generator's seed and Philox offset,
+    kept on the host: reading it neither draws nor synchronises), so ``generator`` is not advanced and
+    its own draws stay what they are with an explicit host generator; the Mersenne Twister seeded by
+    the hash shares no values with the device stream.
+    """
+    state = generator.get_state()
+    digest = hashlib.blake2b(state.numpy().tobytes(), digest_size=8, person=b"datm_fast.host").digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
 def make_unroll_plan(
     num_images: int,
     syn_steps: int,
@@ -182,6 +218,8 @@ def make_unroll_plan(
         augment: DSA settings, or None for no augmentation.
         generator: draws the permutations and the per-sample DSA values (on its device).
         host_generator: CPU generator for the DSA op-group choice when ``generator`` is on a GPU.
+            Default: ``generator`` itself when it is a CPU generator, else
+            :func:`derive_host_generator` of it (taken once, before the plan's first draw).
         device: where the indices and DSA tensors live (default: the generator's device).
     """
     if num_images < 1 or syn_steps < 1 or batch_syn < 1:
@@ -190,6 +228,8 @@ def make_unroll_plan(
             f"{num_images}, {syn_steps}, {batch_syn}"
         )
     device = torch.device(device) if device is not None else generator.device
+    if host_generator is None and generator.device.type != "cpu":
+        host_generator = derive_host_generator(generator)
     height, width = image_size
     chunks: list[Tensor] = []
     steps = []
@@ -359,7 +399,7 @@ def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None, 
     limit = auto_micro_batch(spec, dtype) if micro_batch is None else micro_batch
     if limit >= batch_size:
         return [slice(0, batch_size)]
-    # Equal chunks (100 images under a limit of 30: 4 x 25, not 30 + 30 + 30 + 10).
+    # Equal chunks (100 images under a limit of 32: 4 x 25, not 32 + 32 + 32 + 4).
     chunks = -(-batch_size // limit)
     size = -(-batch_size // chunks)
     return [slice(s, min(s + size, batch_size)) for s in range(0, batch_size, size)]
@@ -378,16 +418,69 @@ def _graph_bytes_per_sample(spec: ConvNetSpec, dtype: torch.dtype) -> int:
     return 12 * per_sample * torch.empty((), dtype=dtype).element_size()
 
 
-# The graph of one micro-batch of the exact and tesla engines, at most (by the bound above): 256 MiB.
-# ConvNet-3 width 128 at 32 px gets 30 images, so CIFAR-10 IPC 10 (batch 100) runs as 4 x 25 and
-# peaks at 0.79 GB on CPU, where the whole batch peaked at 1.60 GB at the same speed (60.2 against
+# The graph of one micro-batch of the exact and tesla engines on CPU, at most (by the bound above):
+# 256 MiB. ConvNet-3 width 128 at 32 px gets 32 images, so CIFAR-10 IPC 10 (batch 100) runs as 4 x 25
+# and peaks at 0.79 GB on CPU, where the whole batch peaked at 1.60 GB at the same speed (60.2 against
 # 60.8 s per iteration, benchmarks/RESULTS.md); IPC 1 (batch 10) stays whole.
 AUTO_MICRO_BATCH_BYTES = 256 * 2**20
 
+# On CUDA, the share of the free memory (see _free_device_bytes) one micro-batch's graph may take by
+# the bound above. A GPU runs small chunks launch-bound, so the CPU rule is slow there (H200, torch
+# 2.11+cu130, 2026-12-04, CIFAR-10, 80 steps, s per iteration / peak allocated): IPC 10 (batch 100)
+# 2.37 s / 0.27 GB in 4 x 25 against 0.45 s / 0.53 GB whole; IPC 50 (batch 500) 7.20 s / 0.31 GB
+# against 1.09 s / 1.89 GB whole. A quarter is a margin, not a measured optimum: the bound is 1.6-2.2x
+# those whole-batch peaks (0.83 and 4.1 GB), so the graph really takes a sixth of the free memory or
+# less, and three quarters stay for what the bound leaves out (cuDNN workspaces, the allocator's
+# rounding, the theta_i of the unroll, the expert buffer and outer optimiser, other processes on the
+# GPU). On an idle H200 (139 GiB) any share above 3% keeps IPC 50 whole; a 16 GB card splits it in two.
+GPU_MICRO_BATCH_SHARE = 0.25
+
 
 def auto_micro_batch(spec: ConvNetSpec, dtype: torch.dtype) -> int:
-    """The micro-batch ``micro_batch=None`` means: the most images whose step graph fits in 256 MiB."""
+    """The CPU rule of ``micro_batch=None``: the most images whose step graph fits in 256 MiB (see
+    :func:`choose_micro_batch` for every device)."""
     return max(1, AUTO_MICRO_BATCH_BYTES // _graph_bytes_per_sample(spec, dtype))
+
+
+def choose_micro_batch(
+    spec: ConvNetSpec, batch_size: int, dtype: torch.dtype, *, device_type: str, free_bytes: int | None
+) -> int:
+    """The micro-batch ``micro_batch=None`` means for a step batch of ``batch_size`` images.
+
+    * batch norm: ``batch_size`` (its statistics span the batch: it cannot be split);
+    * ``device_type="cuda"`` with ``free_bytes`` known: ``batch_size`` when the step graph of the whole
+      batch (``_graph_bytes_per_sample x batch_size``) fits in ``GPU_MICRO_BATCH_SHARE`` (1/4) of
+      ``free_bytes``, else the most images whose graph does (at least 1);
+    * otherwise (CPU, or the free memory unknown): :func:`auto_micro_batch`, the most images whose
+      step graph fits in 256 MiB, or ``batch_size`` if fewer.
+
+    The engine splits a batch larger than the result into equal chunks of at most that many images
+    (100 under a limit of 32: 4 x 25). A pure function: the engine reads ``free_bytes`` once per unroll.
+    """
+    if batch_size < 1:
+        raise ValueError(f"choose_micro_batch: batch_size must be >= 1, got {batch_size}")
+    if spec.norm == "batch":
+        return batch_size
+    if device_type == "cuda" and free_bytes is not None:
+        per_sample = _graph_bytes_per_sample(spec, dtype)
+        limit = int(free_bytes * GPU_MICRO_BATCH_SHARE) // per_sample
+    else:
+        limit = auto_micro_batch(spec, dtype)
+    return max(1, min(batch_size, limit))
+
+
+def _free_device_bytes(device: torch.device) -> int | None:
+    """What this process can still allocate on ``device``: CUDA's free memory plus the blocks PyTorch's
+    caching allocator holds unused; None off CUDA, where nothing is read (torch.cuda is not touched).
+
+    The cached blocks count as free: the previous iteration's graphs stay reserved after they die, and
+    without them the second unroll would see less free memory than the first (by the graph the first
+    chose) and might pick a smaller micro-batch, a choice that would depend on the process's history.
+    """
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def estimate_full_unroll_bytes(spec: ConvNetSpec, batch_syn: int, syn_steps: int, dtype: torch.dtype) -> int:
@@ -458,6 +551,7 @@ def _rollout(
     plan: UnrollPlan,
     micro_batch: int | None,
     kernels: _Kernels,
+    graphs: StepGraphs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Forward pass without a graph: returns ``thetas`` (N, P) holding theta_0 .. theta_{N-1}, and theta_N."""
     thetas = _trajectory_storage(len(plan), start)
@@ -472,6 +566,11 @@ def _rollout(
         for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
             idx = step.indices[mb]
             aug = None if step.augment is None else step.augment[mb]
+            if explicit and graphs is not None:
+                grad += _static_step(
+                    graphs, "rollout", spec, images, labels, batch, kernels, aug, theta=theta, indices=idx
+                )
+                continue
             if explicit:
                 x = images[idx] if aug is None else apply_dsa(images[idx], aug)
                 if kernels.channels_last:
@@ -536,18 +635,81 @@ def _reverse_explicit(spec, leaves, lam_parts, images, labels, augment, batch, k
     return step_hvp, gx, result.grad_labels, result.dot
 
 
+def _static_step(
+    graphs: StepGraphs,
+    kind: str,
+    spec: ConvNetSpec,
+    images: Tensor,
+    labels: Tensor,
+    batch: int,
+    kernels: _Kernels,
+    aug: DSAParams | None,
+    *,
+    hvp: bool = False,
+    need_x: bool = False,
+    need_y: bool = False,
+    **inputs: Tensor,
+) -> Any:
+    """One micro-batch of a written-out step as a :class:`StaticStep` of ``graphs``: ``"rollout"``
+    (inputs ``theta``, ``indices``; returns the flat gradient) or ``"reverse"`` (inputs ``theta``,
+    ``lam``, ``indices``; returns what :func:`_reverse_explicit` returns). The step's DSA draws are
+    inputs too; its shape, DSA op groups and switches make the key, so a run captures each once."""
+    aug_inputs = {} if aug is None else aug.tensors()
+    aug_shape = None if aug is None else (aug.groups, aug.batch_size, aug.height, aug.width, aug.cutout_size)
+    key = (kind, spec, kernels, batch, int(inputs["indices"].numel()), aug_shape, hvp, need_x, need_y)
+    owner = (images.data_ptr(), tuple(images.shape), labels.data_ptr(), tuple(labels.shape), images.dtype)
+
+    def build() -> Callable[..., Any]:
+        def drawn(fields: dict[str, Tensor]) -> DSAParams | None:
+            return None if aug is None else dataclasses.replace(aug, **fields)
+
+        if kind == "rollout":
+
+            def rollout(theta: Tensor, indices: Tensor, **fields: Tensor) -> Tensor:
+                draws = drawn(fields)
+                x = images[indices] if draws is None else apply_dsa(images[indices], draws)
+                if kernels.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                params = [p.detach() for p in _leaves(spec, theta, kernels.channels_last)]
+                return flatten_params(gradient(spec, params, x, labels[indices], batch, backend=kernels.backend))
+
+            return rollout
+
+        def reverse(theta: Tensor, lam: Tensor, indices: Tensor, **fields: Tensor) -> Any:
+            leaves = _leaves(spec, theta, kernels.channels_last)
+            lam_parts = _in_layout(unflatten_params(spec, lam), kernels.channels_last)
+            return _reverse_explicit(
+                spec,
+                leaves,
+                lam_parts,
+                images[indices],
+                labels[indices],
+                drawn(fields),
+                batch,
+                kernels,
+                hvp,
+                need_x,
+                need_y,
+            )
+
+        return reverse
+
+    step: StaticStep = graphs.step(key, owner, build, {**inputs, **aug_inputs})
+    return step(**inputs, **aug_inputs)
+
+
 class _CheckpointedUnroll(torch.autograd.Function):
     """exact and tesla: forward rolls out without a graph, backward replays each step."""
 
     @staticmethod
-    def forward(ctx, images, labels, lr, start, target, spec, plan, options, kernels):
+    def forward(ctx, images, labels, lr, start, target, spec, plan, options, kernels, graphs):
         images_d, labels_d, lr_d = images.detach(), labels.detach(), lr.detach()
-        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, options.micro_batch, kernels)
+        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, options.micro_batch, kernels, graphs)
         with torch.enable_grad():
             final = theta_n.detach().requires_grad_(True)
             loss = matching_loss(final, start.detach(), target.detach(), backend=options.backend)
             (lam,) = torch.autograd.grad(loss, final)
-        ctx.spec, ctx.plan, ctx.options, ctx.kernels = spec, plan, options, kernels
+        ctx.spec, ctx.plan, ctx.options, ctx.kernels, ctx.graphs = spec, plan, options, kernels, graphs
         ctx.save_for_backward(images_d, labels_d, lr_d, lam, thetas)
         return loss.detach()
 
@@ -571,9 +733,37 @@ class _CheckpointedUnroll(torch.autograd.Function):
             for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
                 idx = step.indices[mb]
                 aug = None if step.augment is None else step.augment[mb]
-                step_hvp, gx, gy, dot = reverse(
-                    spec, leaves, lam_parts, images[idx], labels[idx], aug, batch, ctx.kernels, exact, need_x, need_y
-                )
+                if ctx.graphs is not None and reverse is _reverse_explicit:
+                    step_hvp, gx, gy, dot = _static_step(
+                        ctx.graphs,
+                        "reverse",
+                        spec,
+                        images,
+                        labels,
+                        batch,
+                        ctx.kernels,
+                        aug,
+                        hvp=exact,
+                        need_x=need_x,
+                        need_y=need_y,
+                        theta=thetas[i],
+                        lam=lam,
+                        indices=idx,
+                    )
+                else:
+                    step_hvp, gx, gy, dot = reverse(
+                        spec,
+                        leaves,
+                        lam_parts,
+                        images[idx],
+                        labels[idx],
+                        aug,
+                        batch,
+                        ctx.kernels,
+                        exact,
+                        need_x,
+                        need_y,
+                    )
                 if exact:
                     hvp += step_hvp
                 if need_x and gx is not None:
@@ -585,7 +775,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
             if exact:
                 lam = lam - lr * hvp
         grads = (grad_images, grad_labels, grad_lr)
-        return (*(g if need else None for g, need in zip(grads, (need_x, need_y, need_lr))), *[None] * 6)
+        return (*(g if need else None for g, need in zip(grads, (need_x, need_y, need_lr))), *[None] * 7)
 
 
 def trajectory_matching_loss(
@@ -603,6 +793,7 @@ def trajectory_matching_loss(
     host_generator: torch.Generator | None = None,
     plan: UnrollPlan | None = None,
     options: EngineOptions | None = None,
+    step_graphs: StepGraphs | None = None,
     **option_changes: Any,
 ) -> Tensor:
     """DATM's matching loss of one unroll; ``loss.backward()`` fills the grads of images, labels, lr.
@@ -617,6 +808,9 @@ def trajectory_matching_loss(
         syn_steps, batch_syn, augment, generator, host_generator: draw the plan (see
             :func:`make_unroll_plan`) when ``plan`` is not given.
         plan: a pre-drawn :class:`UnrollPlan` (then the five arguments above are not needed).
+        step_graphs: the static steps of the run (:class:`~datm_fast.distill.step_graphs.StepGraphs`), kept
+            across calls so that ``graphs="on"`` captures each step once per run; default: a new one per
+            call (captured at every call).
         options: how the gradient is computed (:class:`EngineOptions`, default: its defaults), e.g. the
             config's ``engine`` section. ``option_changes`` (``unroll="full"``, ``micro_batch=25``, ...)
             replace single options:
@@ -624,10 +818,14 @@ def trajectory_matching_loss(
             * ``unroll``: ``"exact"`` (default), ``"full"`` (reference) or ``"tesla"`` (approximate);
             * ``micro_batch``: split each step's batch into chunks of at most this many images in
               ``exact``/``tesla``, so that memory does not grow with ``batch_syn``; ignored with batch
-              norm. None (default): :func:`auto_micro_batch`, the most images whose step graph fits in
-              256 MiB (30 for the CIFAR ConvNet; Tiny ImageNet's ConvNetD4: 7);
+              norm. None (default): :func:`choose_micro_batch`, by the device of ``images``: on CPU
+              the most images whose step graph fits in 256 MiB (32 for the CIFAR ConvNet; Tiny
+              ImageNet's ConvNetD4: 8); on CUDA the whole step batch when its graph fits in a
+              quarter of the memory free when the unroll starts (read once), else the most images
+              that fit;
             * ``memory_budget_gb``: when :func:`estimate_full_unroll_bytes` fits in it, ``exact`` runs
-              the ``full`` engine instead (same gradient, less recomputation);
+              the ``full`` engine instead (same gradient, less recomputation; on a GPU never faster,
+              so None, the default, never switches);
             * ``backend``: of the fused ops (the distance, and the norm/ReLU/pool block);
             * ``fused``: run each instance norm -> ReLU -> 2x2 average pool block of the student as one
               fused op with fused backward and double-backward kernels
@@ -694,7 +892,24 @@ def trajectory_matching_loss(
         batch = max(int(s.indices.numel()) for s in plan.steps)
         if estimate_full_unroll_bytes(spec, batch, len(plan), images.dtype) <= budget:
             options = options.replace(unroll="full")
+    if options.unroll != "full" and options.micro_batch is None:
+        # Resolved once per unroll, for its largest step: the same as choosing per step, since a step
+        # of b images fits whole by either rule exactly when b is at most the largest step's limit.
+        largest = max(int(s.indices.numel()) for s in plan.steps)
+        micro_batch = choose_micro_batch(
+            spec,
+            largest,
+            images.dtype,
+            device_type=images.device.type,
+            free_bytes=_free_device_bytes(images.device),
+        )
+        options = options.replace(micro_batch=micro_batch)
     kernels = _kernels(options, images.device)
     if options.unroll == "full":
         return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, options, kernels)
-    return _CheckpointedUnroll.apply(images, labels, lr, start_params, target_params, spec, plan, options, kernels)
+    graphs = None
+    if options.graphs == "on" and kernels.written_out(spec):
+        graphs = step_graphs if step_graphs is not None else StepGraphs()
+    return _CheckpointedUnroll.apply(
+        images, labels, lr, start_params, target_params, spec, plan, options, kernels, graphs
+    )
