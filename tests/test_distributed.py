@@ -1,0 +1,70 @@
+"""torch.distributed on CPU (gloo, 2 ranks launched by torchrun): the collectives datm_fast uses."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+from torchrun import torchrun
+
+from datm_fast.distributed import SINGLE, Distributed, RanksDisagree, from_environment, launched_by_torchrun
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from datm_fast.distributed import RanksDisagree, from_environment
+
+    with from_environment("cpu", timeout_s=60) as d:
+        total = d.all_reduce_sum(torch.tensor([d.rank + 1.0], dtype=torch.float64))
+        d.agree("the dataset", "same everywhere")
+        try:
+            d.agree("the config", {"lr_img": 100 if d.rank == 0 else 50})
+            disagreement = None
+        except RanksDisagree as exc:
+            disagreement = str(exc)
+        row = {
+            "rank": d.rank,
+            "world_size": d.world_size,
+            "sum": total.item(),
+            "mine": d.mine(list(range(5))),
+            "gathered": d.all_gather_object(d.rank * 10),
+            "broadcast": d.broadcast_object("from rank 0" if d.is_main else None),
+            "disagreement": disagreement,
+        }
+        print("ROW " + json.dumps(row), flush=True)
+    """
+)
+
+
+def test_two_ranks_sum_gather_broadcast_and_refuse_disagreeing_inputs(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(SCRIPT)
+    done = torchrun(2, script)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = sorted(
+        (json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")), key=lambda r: r["rank"]
+    )
+    assert [r["rank"] for r in rows] == [0, 1] and all(r["world_size"] == 2 for r in rows)
+    assert all(r["sum"] == 3.0 for r in rows)
+    assert [r["mine"] for r in rows] == [[0, 2, 4], [1, 3]]
+    assert all(r["gathered"] == [0, 10] and r["broadcast"] == "from rank 0" for r in rows)
+    for r in rows:  # raised on every rank, naming each rank's value
+        assert r["disagreement"] == (
+            "the ranks disagree on the config (rank 0: {'lr_img': 100}; rank 1: {'lr_img': 50}); "
+            "every rank must be given the same"
+        )
+
+
+def test_without_torchrun_a_run_is_one_rank_and_collectives_are_the_identity(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched_by_torchrun() and from_environment("cpu") is SINGLE
+    assert SINGLE.mine([1, 2, 3]) == [1, 2, 3] and SINGLE.is_main and not SINGLE.active
+    assert SINGLE.all_gather_object("x") == ["x"] and SINGLE.broadcast_object(5) == 5
+    SINGLE.agree("anything", object())  # one rank always agrees with itself
+    with pytest.raises(ValueError, match="rank 2 of world_size 2 is not a rank"):
+        Distributed(rank=2, world_size=2)
+    assert issubclass(RanksDisagree, RuntimeError)

@@ -1,0 +1,38 @@
+"""Launch a command on N CPU ranks with torchrun (gloo), for the distributed tests.
+
+``torchrun(2, "-m", "datm_fast.cli", "distill", ...)`` or ``torchrun(2, script_path, args...)``:
+``python -m torch.distributed.run --standalone --nproc-per-node N ...`` in a subprocess (a free port of
+its own), returning the completed process with its output.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def torchrun_command(nproc: int, *args: str | os.PathLike[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *map(str, args),
+    ]
+
+
+def torchrun(
+    nproc: int,
+    *args: str | os.PathLike[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``args`` on ``nproc`` ranks; one thread per rank (the CI machine has 2 cores)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        torchrun_command(nproc, *args), capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd
+    )
