@@ -6,7 +6,8 @@ Subcommands (registered in :func:`build_parser`; the larger ones live beside the
     info    versions and which backends are live, and why one is not
     data    load (decode once, cache) a dataset, optionally long-tailed and preprocessed, print a
             summary and write an image grid
-    distill run DATM from a config and an expert buffer; checkpoints, resume, image grids
+    distill run DATM from a config and an expert buffer; checkpoints, resume, image grids; on several
+            devices under torchrun (``torchrun --nproc-per-node N -m datm_fast.cli distill ...``)
     eval    train fresh networks on a distilled set (or a real baseline) and report test accuracy
     report  a Markdown summary of a run directory with curves and the image grid
     bench   seconds per distillation iteration and peak memory of the unroll engines at the shapes
@@ -16,14 +17,17 @@ Subcommands (registered in :func:`build_parser`; the larger ones live beside the
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the commands import their stages when they run: datm-fast --help stays fast
     from .distill import RunDir
+    from .distributed import Distributed
 
 __all__ = ["build_parser", "main"]
 
@@ -205,10 +209,57 @@ def _distill_data(args: argparse.Namespace, config: Any, buffer: Any) -> Any:
     return recorded if args.data_root is None else recorded.replace(root=args.data_root)
 
 
+def _lost_contact(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank is gone or hangs: gloo raises a
+    plain RuntimeError naming its source (``.../gloo/transport/tcp/pair.cc:537] Read error ...:
+    Connection reset by peer`` within 0.02 s of a peer's kill -9, torch 2.13 CPU, 2026-12-04), NCCL a
+    DistBackendError."""
+    import torch.distributed as dist
+
+    return isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower()
+
+
+class _Stopped(RuntimeError):
+    """This rank was told to stop (SIGTERM: torchrun stops every rank once one has failed)."""
+
+
+@contextlib.contextmanager
+def _one_rank_of(distributed: Distributed) -> Iterator[None]:
+    """Make what ends a rank of a run say so in one line (main prints RuntimeErrors): a collective
+    that failed because another rank died or hung, and torchrun's SIGTERM, which it sends to every
+    rank once one has failed (otherwise Python dies of it silently: exit code -15)."""
+    if not distributed.active:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+        raise _Stopped(
+            f"{distributed}: stopped by {signal.Signals(signum).name} (torchrun stops every rank once one has failed: "
+            "see the first failing rank's message)"
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except RuntimeError as exc:
+        if isinstance(exc, _Stopped) or not _lost_contact(exc):
+            raise
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise RuntimeError(
+            f"{distributed}: lost the other ranks ({first}): a rank died, or hung beyond --dist-timeout "
+            f"{distributed.timeout_s:g} s; see its own message. --resume continues from the last checkpoint"
+        ) from exc
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from .distill import RunDir, load_config
+    from .distill import load_config
     from .distill.config import flag_overrides
     from .distill.loggers import check_logger_names
+    from .distributed import from_environment
+    from .utils import resolve_device
 
     try:  # a missing tensorboard/wandb fails before any work, in one line (main reports RuntimeErrors)
         check_logger_names(args.log_to or ())
@@ -218,17 +269,38 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     if args.wandb_project:
         overrides["project"] = args.wandb_project
     config = load_config(args.config, **overrides)
+    # Under torchrun: join the ranks (NCCL on CUDA, each rank on cuda:LOCAL_RANK; gloo otherwise); every
+    # rank leaves the group at the end, however the command ends.
+    device_type = resolve_device(config.run.device).type
+    with from_environment(device_type, timeout_s=args.dist_timeout) as distributed, _one_rank_of(distributed):
+        return _distill_ranks(args, config, distributed)
+
+
+def _distill_ranks(args: argparse.Namespace, config: Any, distributed: Distributed) -> int:
+    from .distill import RunDir
+    from .distributed import on_main
+
     out = Path(args.out)
+    if distributed.active:  # before rank 0 takes the directory for a run the others would not compute
+        distributed.agree("the config", config.to_dict())
+
     # The run directory is taken (writable, not another run's, not written by another process) before
-    # the buffer and the data are read: a refusal comes in seconds, not after minutes of loading.
-    run = RunDir(out).start(config, resume=args.resume, overwrite=args.overwrite)
+    # the buffer and the data are read: a refusal comes in seconds, not after minutes of loading. Rank 0
+    # alone takes and writes it; its refusal is raised on every rank.
+    def take() -> RunDir:
+        return RunDir(out).start(config, resume=args.resume, overwrite=args.overwrite)
+
+    run = on_main(distributed, "take the run directory", take, share=False)
     try:
-        return _distill_into(run, args, config)
+        return _distill_into(run, out, args, config, distributed)
     finally:
-        run.finish()
+        if run is not None:
+            run.finish()
 
 
-def _distill_into(run: RunDir, args: argparse.Namespace, config: Any) -> int:
+def _distill_into(
+    run: RunDir | None, out: Path, args: argparse.Namespace, config: Any, distributed: Distributed
+) -> int:
     import torch
 
     from .distill import distill
@@ -237,7 +309,6 @@ def _distill_into(run: RunDir, args: argparse.Namespace, config: Any) -> int:
     from .experts import ExpertBuffer
     from .utils import retain_freed_memory
 
-    out = run.path
     if config.run.device == "cpu" or (config.run.device == "auto" and not torch.cuda.is_available()):
         retain_freed_memory()  # 1.1x per CPU iteration: no page faults on re-allocated activations
 
@@ -252,13 +323,16 @@ def _distill_into(run: RunDir, args: argparse.Namespace, config: Any) -> int:
     data, transform = data_spec.load(cache_dir=args.cache_dir)
     if not args.no_buffer_check:
         buffer.check(dataset=data)
-    print(
-        f"distilling {data.name} ({data_spec.preprocessing}) at ipc {config.ipc} from {buffer.num_experts} experts x "
-        f"{buffer.num_epochs} epochs ({buffer_dir}), unroll {config.engine.unroll}, {config.iterations} iterations "
-        f"-> {out}"
-    )
+    ranks = f" on {distributed.world_size} ranks" if distributed.active else ""
+    if distributed.is_main:
+        print(
+            f"distilling {data.name} ({data_spec.preprocessing}) at ipc {config.ipc} from {buffer.num_experts} experts "
+            f"x {buffer.num_epochs} epochs ({buffer_dir}), unroll {config.engine.unroll}, {config.iterations} "
+            f"iterations{ranks} -> {out}",
+            flush=True,
+        )
     evaluator = None
-    if not args.no_eval:
+    if not args.no_eval and distributed.is_main:  # rank 0 evaluates and hands the outcome to the others
         evaluation = config.evaluation
         eval_config = EvalConfig(
             model=config.model,
@@ -275,18 +349,23 @@ def _distill_into(run: RunDir, args: argparse.Namespace, config: Any) -> int:
         data_spec=data_spec,
         transform=transform,
         evaluator=evaluator,
-        run_dir=run,
+        run_dir=run if run is not None else out,
         resume=args.resume,
         progress=not args.quiet,
         loggers=args.log_to or (),
+        distributed=distributed,
     )
     acc = "not evaluated" if result.best_accuracy is None else f"best accuracy {100 * result.best_accuracy:.2f}%"
-    print(f"done: {acc} at iteration {result.iteration}, lr {result.lr:.3g}, {result.updates}; set and grid in {out}")
+    if distributed.is_main:
+        print(
+            f"done: {acc} at iteration {result.iteration}, lr {result.lr:.3g}, {result.updates}; set and grid in {out}"
+        )
     return 0
 
 
 def _add_distill_parser(sub: Any) -> None:
     from .distill.config import add_config_flags, list_configs
+    from .distributed import add_timeout_flag
 
     p = sub.add_parser(
         "distill",
@@ -327,6 +406,7 @@ def _add_distill_parser(sub: Any) -> None:
     p.add_argument(
         "--wandb-project", default=None, help="wandb project (default: the config's project key); the run is OUT's name"
     )
+    add_timeout_flag(p)
     p.set_defaults(func=_cmd_distill)
 
 
@@ -410,9 +490,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, OSError, RuntimeError) as exc:
         # Bad input, a failed run, a read-only place or a full disk: one line that names it; a
-        # traceback helps nobody here.
-        print(f"datm-fast {args.command}: error: {exc}", file=sys.stderr)
+        # traceback helps nobody here. Under torchrun, one line per job: what failed on another rank,
+        # and a disagreement (which every rank sees alike), is said by the rank where it happened / rank 0.
+        if not _said_elsewhere(exc):
+            print(f"datm-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _said_elsewhere(exc: BaseException) -> bool:
+    """Whether another rank of this torchrun job reports ``exc`` (see :func:`main`)."""
+    import os
+
+    from .distributed import OtherRankFailed, RanksDisagree
+
+    return isinstance(exc, OtherRankFailed) or (isinstance(exc, RanksDisagree) and os.environ.get("RANK", "0") != "0")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ No state lives here: the process group is ``torch.distributed``'s, joined once p
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -26,9 +27,13 @@ from torch import Tensor
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "add_timeout_flag",
     "SINGLE",
     "Distributed",
+    "OtherRankFailed",
     "RanksDisagree",
+    "on_every_rank",
+    "on_main",
     "from_environment",
     "launched_by_torchrun",
 ]
@@ -47,6 +52,13 @@ class RanksDisagree(RuntimeError):
     naming the ranks and their values, before any work."""
 
 
+class OtherRankFailed(RuntimeError):
+    """Another rank of the job failed (rank 0 could not take the run directory or write, a rank could not
+    read the data): raised on the ranks where it did not happen, naming that rank and its error, so that
+    every rank stops instead of waiting in its next collective. The failing rank raises (and reports) the
+    error itself: ``datm-fast`` prints nothing more for this one."""
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in a run: ``rank`` of ``world_size`` (``local_rank`` on its machine).
@@ -58,6 +70,10 @@ class Distributed:
     world_size: int = 1
     local_rank: int = 0
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # Whether this object joined the process group (from_environment did): only then does close() leave it,
+    # so that a command run inside a script that joined (datm_fast.cli.main under torchrun) leaves the
+    # script's group as it found it.
+    owns_group: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -76,18 +92,21 @@ class Distributed:
     def __str__(self) -> str:
         return f"rank {self.rank} of {self.world_size}"
 
-    def close(self) -> None:
-        """Leave the process group (every rank, at the end of the run). Without it gloo's threads can
-        abort the interpreter at exit ("terminate called without an active exception", 1 exit in 6
-        on a 2-rank CPU run, 2026-12-04)."""
-        if self.active and dist.is_initialized():
+    def close(self, *, wait: bool = True) -> None:
+        """Leave the process group (every rank, at the end of the run), after waiting for the others
+        (``wait``; not when this rank fails: they may be gone). Without it gloo's threads can abort the
+        interpreter at exit ("terminate called without an active exception", 1 exit in 6 on a 2-rank
+        CPU run, 2026-12-04); without the wait 2 of 8 2-rank distill runs still did, with it 0 of 10."""
+        if self.active and self.owns_group and dist.is_initialized():
+            if wait:
+                dist.barrier()
             dist.destroy_process_group()
 
     def __enter__(self) -> Distributed:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self.close(wait=exc_type is None)
 
     # ----- sharing work out -------------------------------------------------------------------------
     def mine(self, items: Sequence[T]) -> list[T]:
@@ -138,8 +157,78 @@ class Distributed:
         shown = "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {v}" for v, r in groups.items())
         raise RanksDisagree(f"the ranks disagree on {what} ({shown}); every rank must be given the same")
 
+    def agree_each(self, values: dict[str, Any]) -> None:
+        """:meth:`agree` on every entry of ``values`` (what: the key) in one gather, naming the first entry
+        that differs (a whole config per rank would bury the one setting that differs)."""
+        if not self.active:
+            return
+        gathered = self.all_gather_object(values)
+        missing = "<missing>"
+        for what, value in values.items():  # in one order on every rank: every rank names the same entry
+            if any(g.get(what, missing) != value for g in gathered):
+                self.agree(what, value)
+        for g in gathered:  # an entry that this rank lacks
+            for what in g.keys() - values.keys():
+                self.agree(what, values.get(what, missing))
+
 
 SINGLE = Distributed()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An error on one rank, as :func:`on_main` and :func:`on_every_rank` hand it to the others."""
+
+    rank: int
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"rank {self.rank}: {self.kind}: {self.message}"
+
+
+def on_main(distributed: Distributed, what: str, work: Callable[[], T], *, share: bool = True) -> T | None:
+    """``work()`` on rank 0 alone (what only rank 0 does: take a run directory, write a file, evaluate);
+    its result on every rank (``share``; else None on the others).
+
+    An exception on rank 0 is raised there and, as :class:`OtherRankFailed` naming ``what`` and the
+    error, on every other rank, instead of leaving them waiting in their next collective. One rank:
+    ``work()``. Every rank must call it at the same point (it is one broadcast).
+    """
+    if not distributed.active:
+        return work()
+    if not distributed.is_main:
+        got = distributed.broadcast_object(None)
+        if isinstance(got, _Failure):
+            raise OtherRankFailed(f"{distributed}: rank 0 failed to {what} ({got})")
+        return got
+    try:
+        value = work()
+    except Exception as exc:
+        distributed.broadcast_object(_Failure(0, type(exc).__name__, str(exc)))
+        raise
+    distributed.broadcast_object(value if share else None)
+    return value
+
+
+def on_every_rank(distributed: Distributed, what: str, work: Callable[[], T]) -> T:
+    """``work()`` on every rank (checks each rank makes of its own inputs and devices); if it raised on
+    any, raise on every rank: the error itself where it happened, :class:`OtherRankFailed` naming the
+    failed ranks elsewhere. ``work`` must call no collective (a rank that raises skips the rest)."""
+    error: Exception | None = None
+    value: T | None = None
+    try:
+        value = work()
+    except Exception as exc:
+        error = exc
+    if distributed.active:
+        mine = None if error is None else _Failure(distributed.rank, type(error).__name__, str(error))
+        failed = [f for f in distributed.all_gather_object(mine) if f is not None]
+        if failed and error is None:
+            raise OtherRankFailed(f"{distributed}: {what} failed on other ranks ({'; '.join(map(str, failed))})")
+    if error is not None:
+        raise error
+    return value  # type: ignore[return-value]
 
 
 def launched_by_torchrun() -> bool:
@@ -149,7 +238,8 @@ def launched_by_torchrun() -> bool:
 
 def from_environment(device_type: str = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_S) -> Distributed:
     """This process's :class:`Distributed`: :data:`SINGLE` without torchrun, else its rank, joining
-    the process group (NCCL for ``device_type="cuda"``, gloo otherwise) if it has not joined yet.
+    the process group (NCCL for ``device_type="cuda"``, gloo otherwise) if it has not joined yet
+    (then it alone leaves it, at :meth:`Distributed.close`).
 
     The rendezvous is torchrun's (``MASTER_ADDR``/``MASTER_PORT``, set for every rendezvous backend);
     a world of one rank joins no group.
@@ -158,11 +248,22 @@ def from_environment(device_type: str = "cpu", *, timeout_s: float = DEFAULT_TIM
         return SINGLE
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    here = Distributed(rank, world_size, local_rank, timeout_s)
     if world_size == 1 or dist.is_initialized():
-        return here
+        return Distributed(rank, world_size, local_rank, timeout_s)
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return here
+    return Distributed(rank, world_size, local_rank, timeout_s, owns_group=True)
+
+
+def add_timeout_flag(parser: argparse.ArgumentParser) -> None:
+    """``--dist-timeout SECONDS`` (:data:`DEFAULT_TIMEOUT_S`), for every command that runs under torchrun."""
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="under torchrun: how long a rank waits for the others in a collective before the job fails (a rank "
+        "that dies fails the others at once; this bounds a rank that hangs, and work rank 0 does alone)",
+    )

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
-from torchrun import torchrun
+from torchrun import rank_rows, torchrun
 
 from datm_fast.distributed import SINGLE, Distributed, RanksDisagree, from_environment, launched_by_torchrun
 
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, pathlib, sys, torch
     from datm_fast.distributed import RanksDisagree, from_environment
 
     with from_environment("cpu", timeout_s=60) as d:
@@ -34,7 +33,7 @@ SCRIPT = textwrap.dedent(
             "broadcast": d.broadcast_object("from rank 0" if d.is_main else None),
             "disagreement": disagreement,
         }
-        print("ROW " + json.dumps(row), flush=True)
+        pathlib.Path(sys.argv[1], f"row{d.rank}.json").write_text(json.dumps(row))
     """
 )
 
@@ -42,11 +41,9 @@ SCRIPT = textwrap.dedent(
 def test_two_ranks_sum_gather_broadcast_and_refuse_disagreeing_inputs(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(SCRIPT)
-    done = torchrun(2, script)
+    done = torchrun(2, script, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = sorted(
-        (json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")), key=lambda r: r["rank"]
-    )
+    rows = rank_rows(tmp_path, 2)
     assert [r["rank"] for r in rows] == [0, 1] and all(r["world_size"] == 2 for r in rows)
     assert all(r["sum"] == 3.0 for r in rows)
     assert [r["mine"] for r in rows] == [[0, 2, 4], [1, 3]]

@@ -7,6 +7,7 @@ its own), returning the completed process with its output.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,14 @@ def torchrun(
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``args`` on ``nproc`` ranks; one thread per rank (the CI machine has 2 cores)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    # A rank that aborts (SIGABRT) prints its Python stack: which call it died in.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
     return subprocess.run(
         torchrun_command(nproc, *args), capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd
     )
+
+
+def rank_rows(directory: Path, nproc: int) -> list[dict]:
+    """The rows ``row<rank>.json`` each rank wrote into ``directory``, in rank order. Files, not stdout: the
+    ranks share torchrun's stdout, where two ranks' lines were seen joined into one (2026-12-04)."""
+    return [json.loads((directory / f"row{rank}.json").read_text()) for rank in range(nproc)]

@@ -15,10 +15,25 @@ One iteration ``it``:
    ``expert_epochs`` later, and ``loss.backward()``;
 4. if ``loss <= threshold``, one SGD step each on the images (lr_img, momentum 0.5), the learned lr
    (lr_lr, momentum 0.5) and the label logits (lr_y, momentum_y); otherwise skip all three.
+
+On several ranks (``distill(..., distributed=)``, one process per device under torchrun) every rank
+runs this loop on the same state and shares each unroll's work (the exact and tesla engines,
+:func:`~datm_fast.distill.unroll.trajectory_matching_loss`): the all-reduces hand every rank the same
+gradients, so every rank takes the same updates and reaches the same decisions (skips, divergence,
+DistillationFailed) from the same state. Before any work the ranks agree on the config, the data and
+the expert buffer (:class:`~datm_fast.distributed.RanksDisagree` on every rank otherwise), and at every
+iteration on the unroll's plan. Rank 0 alone owns the run directory (its lock, checkpoints, sets,
+metrics, grids, failure.txt), the trackers, the callback and the progress bar; it reads a checkpoint
+to resume and hands the state to the others (a checkpoint holds no per-rank state: any number of ranks
+resumes it), and it alone evaluates, handing the outcome to the others. Whatever fails on rank 0
+alone (a refused run directory, a full disk, an evaluation) is raised on every rank
+(:class:`~datm_fast.distributed.OtherRankFailed` on the others).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
 import time
 import warnings
@@ -34,13 +49,14 @@ from torch import Tensor
 
 from ..augment import DSAConfig
 from ..data import DataSpec, ImageDataset, Transform
+from ..distributed import SINGLE, Distributed, on_every_rank, on_main
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
 from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
-from .rundir import RunDir, RunRecord
+from .rundir import RunDir, RunRecord, SyntheticSet
 from .step_graphs import StepGraphs
-from .unroll import least_unroll_bytes, trajectory_matching_loss
+from .unroll import UnrollPlan, least_unroll_bytes, make_unroll_plan, trajectory_matching_loss
 
 __all__ = [
     "Trajectories",
@@ -321,7 +337,10 @@ class _State:
 
 class _Outputs:
     """Everything one :func:`distill` call writes and sends: the run directory's files (through its
-    :class:`RunDir`, when there is one), the trackers' rows and grids, and the caller's callback."""
+    :class:`RunDir`, when there is one), the trackers' rows and grids, and the caller's callback.
+
+    On several ranks, rank 0's (the others' hold nothing): each write runs on rank 0 alone and its
+    failure is raised on every rank (:func:`~datm_fast.distributed.on_main`), so every rank calls each method alike."""
 
     def __init__(
         self,
@@ -330,31 +349,51 @@ class _Outputs:
         callback: Callable[[dict[str, Any]], None] | None,
         transform: Transform | None,
         config: DistillConfig,
+        distributed: Distributed = SINGLE,
     ) -> None:
         self.run, self.loggers, self.callback, self.transform = run, list(loggers), callback, transform
+        self.distributed = distributed
         self.ipc = config.learning.ipc
         # Upstream sends grids to its tracker only below IPC 50 unless force_save; the PNG is always written.
         self.grids_to_trackers = self.ipc < 50 or config.run.force_save
 
+    def _on_main(self, what: str, work: Callable[[], None]) -> None:
+        on_main(self.distributed, what, work, share=False)
+
     def row(self, row: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.append_metrics(row)
-        for logger in self.loggers:
-            logger.log(row, row["iteration"])
-        if self.callback is not None:
-            self.callback(row)
+        def write() -> None:
+            if self.run is not None:
+                self.run.append_metrics(row)
+            for logger in self.loggers:
+                logger.log(row, row["iteration"])
+            if self.callback is not None:
+                self.callback(row)
+
+        self._on_main(f"write the metrics of iteration {row['iteration']}", write)
 
     def best(self, images: Tensor, labels: Tensor, lr: float, iteration: int) -> None:
-        if self.run is not None:
-            self.run.save_set("best", images, labels, lr)
-            self._grid("best", images, iteration)
+        def write() -> None:
+            if self.run is not None:
+                self.run.save_set("best", images, labels, lr)
+                self._grid("best", images, iteration)
+
+        self._on_main("write the best set", write)
 
     def checkpoint(self, state: _State, iteration: int, seed: int) -> None:
-        if self.run is None:
-            return
-        self.run.save_set(str(iteration), state.images, state.labels, float(state.lr.detach()))
-        self._grid("latest", state.images, iteration)
-        self.run.save_checkpoint(state.checkpoint(seed))
+        def write() -> None:
+            if self.run is None:
+                return
+            self.run.save_set(str(iteration), state.images, state.labels, float(state.lr.detach()))
+            self._grid("latest", state.images, iteration)
+            self.run.save_checkpoint(state.checkpoint(seed))
+
+        self._on_main(f"write the checkpoint of iteration {iteration}", write)
+
+    def final_checkpoint(self, state: _State, seed: int) -> None:
+        """The state at the end of the call (no set, no grid): what a resume continues from."""
+        self._on_main(
+            "write the final checkpoint", lambda: self.run.save_checkpoint(state.checkpoint(seed)) if self.run else None
+        )
 
     def _grid(self, tag: str, images: Tensor, iteration: int) -> None:
         assert self.run is not None
@@ -396,6 +435,7 @@ class _Problem:
     device: torch.device
     # The run's static steps (EngineOptions.graphs "on"): each captured once per run, replayed after.
     step_graphs: StepGraphs | None = None
+    distributed: Distributed = SINGLE  # the ranks that share each unroll's work
 
 
 def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
@@ -407,6 +447,20 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
     start_epoch = sample_start_epoch(config, it, _generator(seed, "start-epoch", it))
     start = problem.experts.params(expert, start_epoch).to(device)
     target = problem.experts.params(expert, start_epoch + config.matching.expert_epochs).to(device)
+    # The plan is what trajectory_matching_loss would draw from these generators; drawn here to check that
+    # every rank has drawn the same (generators seeded alike: from the agreed seed and the iteration).
+    plan = make_unroll_plan(
+        state.images.shape[0],
+        config.matching.syn_steps,
+        problem.batch_syn,
+        image_size=problem.spec.image_size,
+        augment=problem.augment,
+        generator=_generator(seed, "unroll", it, device=device),
+        host_generator=_generator(seed, "unroll-host", it),
+        device=state.images.device,
+    )
+    if problem.distributed.active:
+        problem.distributed.agree(f"the unroll plan of iteration {it}", _plan_digest(plan))
     loss = trajectory_matching_loss(
         problem.spec,
         start,
@@ -414,13 +468,10 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
         state.images,
         state.labels,
         state.lr,
-        syn_steps=config.matching.syn_steps,
-        batch_syn=problem.batch_syn,
-        augment=problem.augment,
-        generator=_generator(seed, "unroll", it, device=device),
-        host_generator=_generator(seed, "unroll-host", it),
+        plan=plan,
         options=config.engine,
         step_graphs=problem.step_graphs,
+        distributed=problem.distributed,
     )
     optimisers = (state.opt_images, state.opt_lr, state.opt_labels)
     for opt in optimisers:
@@ -462,6 +513,49 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
     }
 
 
+def _plan_digest(plan: UnrollPlan) -> str:
+    """A short digest of every draw of a plan: minibatch indices, DSA op groups and per-sample values."""
+    h = hashlib.blake2b(digest_size=12)
+    for step in plan.steps:
+        h.update(step.indices.cpu().numpy().tobytes())
+        if step.augment is not None:
+            h.update(repr(step.augment.groups).encode())
+            for name, t in sorted(step.augment.tensors().items()):
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ----- what the ranks agree on -------------------------------------------------------------------------
+def _tensor_digest(*tensors: Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_identity(data: ImageDataset) -> tuple[str, str]:
+    """The dataset's name and fingerprint, or a hash of its train split where it has none (an
+    in-memory dataset): what the ranks must agree on."""
+    if data.fingerprint is not None:
+        return data.name, data.fingerprint
+    return data.name, "train tensors " + _tensor_digest(data.train_images, data.train_labels)
+
+
+def _experts_identity(experts: Trajectories) -> Any:
+    """The buffer's manifest identity and its experts' file checksums (an ExpertBuffer with a manifest),
+    else a hash of the first and last checkpoints of its first and last experts."""
+    manifest = getattr(experts, "manifest", None)
+    ids = getattr(experts, "expert_ids", None)
+    if isinstance(manifest, dict) and "identity" in manifest and ids is not None:
+        files = manifest.get("experts", {})
+        return manifest["identity"], tuple((i, files.get(str(i), {}).get("sha256")) for i in ids)
+    n, epochs = experts.num_experts, experts.num_epochs
+    rows = [experts.params(e, epoch) for e in sorted({0, n - 1}) for epoch in (0, epochs)]
+    return n, epochs, _tensor_digest(*rows)
+
+
 # ----- the loop ----------------------------------------------------------------------------------------
 def distill(
     data: ImageDataset,
@@ -478,6 +572,7 @@ def distill(
     max_iterations: int | None = None,
     callback: Callable[[dict[str, Any]], None] | None = None,
     loggers: str | Sequence[str] | Sequence[MetricsLogger] = (),
+    distributed: Distributed = SINGLE,
 ) -> DistilledSet:
     """Distil ``data`` into ``config.ipc`` images per class by matching ``experts``' trajectories.
 
@@ -504,6 +599,12 @@ def distill(
             grids: names (``"tensorboard"``, ``"wandb"``, or ``"tensorboard,wandb"``; see
             :func:`datm_fast.distill.loggers.make_loggers`) or ready :class:`MetricsLogger` objects.
             All are closed when the call ends, normally or not.
+        distributed: the ranks of the run (:func:`datm_fast.distributed.from_environment`); every rank calls
+            ``distill`` with the same arguments and shares each unroll's work (engines ``exact`` and
+            ``tesla``; ``full`` is refused). Rank 0 alone takes and writes the run directory, calls the
+            evaluator (its outcome is handed to the others: the others' evaluator is never called and may
+            be None), the loggers and the callback, and shows the progress bar; the other ranks write
+            nothing. Every rank returns the same set. On CUDA each rank runs on ``cuda:<local_rank>``.
 
     Returns:
         :class:`DistilledSet` with the best images, labels and lr.
@@ -511,39 +612,65 @@ def distill(
     Raises:
         DistillationFailed: the set or lr left the sane range (``SANE_MAX_*``; the run directory keeps
             the last checkpoint before), or the run ended without one update applied.
+        RanksDisagree: the ranks were given different configs, data or expert buffers (on every rank,
+            before any work).
+        OtherRankFailed: on the other ranks, when what rank 0 alone does failed there.
     """
-    device = resolve_device(config.run.device)
     m = config.matching
-    spec = convnet_spec_from_name(m.model, data.channels, data.num_classes, data.image_size)
-    experts = _selected(experts, m.max_files, m.max_experts)
-    validate_against(
-        config,
-        buffer_epochs=experts.num_epochs,
-        class_sizes=data.class_counts("train").tolist(),
-        class_names=data.classes,
-    )
-    if not 0 < config.learning.lr_teacher <= SANE_MAX_LR:  # the first update would stop the run
-        raise ValueError(
-            f"lr_teacher={config.learning.lr_teacher:g} is outside the sane range of the learned lr, "
-            f"(0, {SANE_MAX_LR:g}]: lower it (upstream's configs use 0.01)"
-        )
-    batch_syn = m.batch_syn or config.learning.ipc * data.num_classes
-    _check_fits(spec, batch_syn, config, device)
-    where = run_dir if run_dir is not None else config.run.out_dir
-    run = where if isinstance(where, RunDir) else (RunDir(where) if where is not None else None)
+    if distributed.active:  # before anything that could fail on some ranks only because of them
+        distributed.agree("the config", config.to_dict())
+        distributed.agree("the dataset", _data_identity(data))
+    experts = _selected(experts, m.max_files, m.max_experts)  # the same on every rank, given the same config
+    if distributed.active:
+        distributed.agree("the expert buffer", _experts_identity(experts))
     if isinstance(loggers, str):
         loggers = [loggers]
-    logger_names = check_logger_names([lg for lg in loggers if isinstance(lg, str)])
-    if "tensorboard" in logger_names and run is None:
-        raise ValueError("distill: tensorboard logging needs a run directory (run_dir or config.out_dir)")
-    if run is None and resume:
-        raise ValueError("distill: resume needs a run directory (run_dir or config.out_dir)")
-    if run is None or not run.started:  # else the caller holds the directory and answers for it
-        owned = run.start(config, resume=resume, overwrite=overwrite) if run is not None else None
-    else:
-        owned = None
+    where = run_dir if run_dir is not None else config.run.out_dir
+    run = where if isinstance(where, RunDir) else (RunDir(where) if where is not None else None)
+
+    def check() -> tuple[torch.device, ConvNetSpec, int, list[str]]:
+        # No collective in here: a rank that raises skips what follows its error.
+        device = resolve_device(config.run.device)
+        if distributed.active and device.type == "cuda":
+            device = torch.device("cuda", distributed.local_rank)  # one GPU per rank
+        spec = convnet_spec_from_name(m.model, data.channels, data.num_classes, data.image_size)
+        validate_against(
+            config,
+            buffer_epochs=experts.num_epochs,
+            class_sizes=data.class_counts("train").tolist(),
+            class_names=data.classes,
+        )
+        if not 0 < config.learning.lr_teacher <= SANE_MAX_LR:  # the first update would stop the run
+            raise ValueError(
+                f"lr_teacher={config.learning.lr_teacher:g} is outside the sane range of the learned lr, "
+                f"(0, {SANE_MAX_LR:g}]: lower it (upstream's configs use 0.01)"
+            )
+        if distributed.active and config.engine.unroll == "full":
+            raise ValueError(
+                f"unroll full cannot share its work over {distributed.world_size} ranks (one autograd graph through "
+                "the whole unroll): use unroll exact (the same gradient), or one rank"
+            )
+        batch_syn = m.batch_syn or config.learning.ipc * data.num_classes
+        _check_fits(spec, batch_syn, config, device)  # by each rank's own device
+        names = check_logger_names([lg for lg in loggers if isinstance(lg, str)])
+        if "tensorboard" in names and run is None:
+            raise ValueError("distill: tensorboard logging needs a run directory (run_dir or config.out_dir)")
+        if run is None and resume:
+            raise ValueError("distill: resume needs a run directory (run_dir or config.out_dir)")
+        return device, spec, batch_syn, names
+
+    device, spec, batch_syn, logger_names = on_every_rank(distributed, "checking the run's inputs", check)
+
+    def take() -> RunDir | None:
+        if run is None or not run.started:  # else the caller holds the directory and answers for it
+            return run.start(config, resume=resume, overwrite=overwrite) if run is not None else None
         if resume:
             run.check_resumable(config)
+        return None
+
+    # Rank 0 alone takes the directory (lock, refusals) and writes it; the others write nothing.
+    owned = on_main(distributed, "take the run directory", take, share=False)
+    writer = run if distributed.is_main else None
     try:
         return _distill(
             data,
@@ -557,21 +684,23 @@ def distill(
                 batch_syn,
                 device,
                 StepGraphs() if config.engine.graphs == "on" else None,
+                distributed,
             ),
-            run,
+            writer,
             data_spec=data_spec,
             transform=transform,
             evaluator=evaluator,
             resume=resume,
-            progress=progress,
+            progress=progress and distributed.is_main,
             max_iterations=max_iterations,
-            callback=callback,
-            loggers=[lg for lg in loggers if not isinstance(lg, str)],
-            logger_names=logger_names,
+            callback=callback if distributed.is_main else None,
+            loggers=[lg for lg in loggers if not isinstance(lg, str)] if distributed.is_main else [],
+            logger_names=logger_names if distributed.is_main else [],
+            run_path=run.path if run is not None else None,
         )
     except DistillationFailed as exc:
-        if run is not None:
-            run.record_failure(f"{exc}")
+        if writer is not None:
+            writer.record_failure(f"{exc}")
         raise
     finally:
         if owned is not None:
@@ -614,17 +743,34 @@ def _distill(
     callback: Callable[[dict[str, Any]], None] | None,
     loggers: list[MetricsLogger],
     logger_names: list[str],
+    run_path: Path | None,
 ) -> DistilledSet:
-    """:func:`distill` once its inputs are checked and its run directory is held."""
-    device, learning = problem.device, config.learning
-    # A damaged checkpoint is refused before anything in the directory is written.
-    saved = run.load_checkpoint() if resume and run is not None else None
-    if run is not None:
-        run.write_config(config)
-        run.write_record(RunRecord(data_spec, config.matching.model, learning.ipc))
-        run.clear_failure()
+    """:func:`distill` once its inputs are checked and its run directory is held (by rank 0: ``run`` is
+    None on the other ranks, ``run_path`` the directory's path on every rank)."""
+    device, learning, ranks = problem.device, config.learning, problem.distributed
+
+    def prepare() -> tuple[dict[str, Any] | None, SyntheticSet | None, bool]:
+        # A damaged checkpoint is refused before anything in the directory is written.
+        saved = run.load_checkpoint() if resume and run is not None else None
+        if run is not None:
+            run.write_config(config)
+            run.write_record(RunRecord(data_spec, config.matching.model, learning.ipc))
+            run.clear_failure()
+        # The best set so far lives in the run directory.
+        kept = run.load_set("best") if saved is not None and run is not None and saved["best_iteration"] >= 0 else None
+        return saved, kept, evaluator is not None
+
+    # Rank 0 reads the checkpoint (it holds no per-rank state) and hands it to every rank; whether the run
+    # evaluates is rank 0's to say too (it alone evaluates).
+    prepared = on_main(ranks, "read and start the run directory", prepare)
+    assert prepared is not None
+    saved, kept, evaluates = prepared
 
     images, labels = initialize_synthetic_set(data, experts, config, problem.spec, device=device)
+    if ranks.active and saved is None:
+        # Rank 0's initial set on every rank: the ranks start from the same bits whatever their kernels do.
+        shared = ranks.broadcast_object((images.cpu(), labels.cpu()))
+        images, labels = shared[0].to(device), shared[1].to(device)
     images = images.detach().clone().requires_grad_(True)
     labels = labels.detach().clone().requires_grad_(True)
     lr = torch.tensor(float(learning.lr_teacher), device=device).requires_grad_(True)
@@ -641,21 +787,27 @@ def _distill(
     )
     best = (*state.snapshot(), state.iteration)
     if saved is not None:
-        assert run is not None
-        state.restore(saved, config.run.seed, run.file(RunDir.CHECKPOINT))
-        run.truncate_metrics(state.iteration)
-        if state.best_iteration is not None:  # the best set so far lives in the run directory
-            kept = run.load_set("best")
+        assert run_path is not None
+        state.restore(saved, config.run.seed, run_path / RunDir.CHECKPOINT)
+        next_iteration = state.iteration
+        on_main(
+            ranks,
+            "truncate the metrics",
+            lambda: run.truncate_metrics(next_iteration) if run is not None else None,
+            share=False,
+        )
+        if state.best_iteration is not None:
+            assert kept is not None
             best = (kept.images.to(device), kept.labels.to(device), float(kept.lr), state.best_iteration)
 
-    eval_its = set(eval_iterations(config)) if evaluator is not None else set()
+    eval_its = set(eval_iterations(config)) if evaluates else set()
     last = config.schedule.iterations
     stop = last + 1 if max_iterations is None else min(last + 1, state.iteration + max_iterations)
     history: list[dict[str, Any]] = []
     loggers = loggers + make_loggers(
         logger_names, run.path if run else None, config, resume_from=state.iteration if resume else None
     )
-    outputs = _Outputs(run, loggers, callback, transform, config)
+    outputs = _Outputs(run, loggers, callback, transform, config, ranks)
 
     bar = None
     if progress:
@@ -666,7 +818,9 @@ def _distill(
         for it in range(state.iteration, stop):
             row: dict[str, Any] = {"iteration": it}
             if it in eval_its:
-                outcome = evaluator(*state.snapshot(), derived_seed(config.run.seed, "eval", it))
+                evaluate = functools.partial(_evaluate, evaluator, state, derived_seed(config.run.seed, "eval", it))
+                outcome = on_main(ranks, f"evaluate the set of iteration {it}", evaluate)
+                assert outcome is not None
                 row.update(eval_mean=outcome.mean, eval_std=outcome.std)
                 row.update({f"eval_mean_{name}": mean for name, mean in outcome.other_models})
                 if state.best_accuracy is None or outcome.mean > state.best_accuracy:
@@ -678,10 +832,10 @@ def _distill(
             outputs.row(row)
             diverged = None if row["skipped"] else state.divergence()
             if diverged is not None:  # stopped before a checkpoint could keep the diverged set
-                kept = "; the run directory keeps the last checkpoint before it" if run is not None else ""
+                kept_note = "; the run directory keeps the last checkpoint before it" if run_path is not None else ""
                 raise DistillationFailed(
                     f"iteration {it}: {diverged}: the run diverged and is stopped (lower lr_img, lr_lr or lr_y, or "
-                    f"the threshold){kept}"
+                    f"the threshold){kept_note}"
                 )
             state.iteration = it + 1
             if bar is not None:
@@ -698,8 +852,7 @@ def _distill(
         if bar is not None:
             bar.close()
         outputs.close()
-    if run is not None:
-        run.save_checkpoint(state.checkpoint(config.run.seed))
+    outputs.final_checkpoint(state, config.run.seed)
     if state.iteration > last and state.updates.applied == 0:
         losses = [r["loss"] for r in history if math.isfinite(r["loss"])]
         smallest = f" (the smallest loss of this call {min(losses):.3g})" if losses else ""
@@ -713,10 +866,16 @@ def _distill(
         lr=best[2],
         iteration=best[3],
         best_accuracy=state.best_accuracy,
-        run_dir=run.path if run is not None else None,
+        run_dir=run_path,
         history=history,
         updates=state.updates,
     )
+
+
+def _evaluate(evaluator: Evaluator | None, state: _State, seed: int) -> EvalOutcome:
+    """The evaluator's outcome for the current set (on rank 0, whose word decides that the run evaluates)."""
+    assert evaluator is not None
+    return evaluator(*state.snapshot(), seed)
 
 
 def _selected(experts: Trajectories, max_files: int | None, max_experts: int | None) -> Trajectories:

@@ -50,6 +50,19 @@ the outer optimiser needs. Three engines compute it:
 
 All three consume the same :class:`UnrollPlan`, so given one plan they differentiate the very same
 function.
+
+On several ranks (``distributed``, a :class:`~datm_fast.distributed.Distributed` with more than one
+rank), ``exact`` and ``tesla`` share every step's micro-batches out round robin
+(``distributed.mine``): each step is split into a multiple of ``world_size`` micro-batches (finer than
+``micro_batch`` where it must be, so that every rank has work), each rank computes its own, and one
+all-reduce per step sums the student's gradient in the roll-out and, in ``exact``'s reverse pass, the
+Hessian-vector product; the image, label and lr gradients are summed once per backward (one
+all-reduce of the three, flattened into one buffer). Every rank must be given the same plan (or
+generators in the same state) and the same inputs; every rank then holds the same ``theta_i``, loss
+and gradients, bit for bit (an all-reduce hands every rank the same sum). The sum over micro-batches
+runs in another order than on one rank, so the gradient equals the single-process one to rounding
+(float64: relative difference < 1e-12, tests/test_distributed_distill.py). ``full`` has no shared work
+and is refused on several ranks. Batch norm cannot split a step: rank 0 then computes it whole.
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ from torch import Tensor
 
 from ..augment import DSAConfig, DSAParams, apply_dsa, sample_dsa_params
 from ..backends import Backend
+from ..distributed import Distributed
 from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
 from ..ops import conv2d, matching_loss, soft_cross_entropy
 from .explicit_step import gradient, reverse_step
@@ -392,17 +406,45 @@ def _gradient_dot(
     return dot
 
 
-def _micro_batches(spec: ConvNetSpec, batch_size: int, micro_batch: int | None, dtype: torch.dtype) -> list[slice]:
+def _micro_batches(
+    spec: ConvNetSpec, batch_size: int, micro_batch: int | None, dtype: torch.dtype, ranks: int = 1
+) -> list[slice]:
+    """A step's batch as micro-batches of at most ``micro_batch`` images; for ``ranks`` > 1 ranks, a
+    multiple of ``ranks`` of them (as many as there are images at most) of sizes within one image of
+    each other, so that each rank's round-robin share (:meth:`Distributed.mine`) is as large as the
+    others' to within one image per micro-batch: a batch of 7 under a limit of 2 on 2 ranks is
+    2 + 2 + 2 + 1 (4 and 3 images), a batch of 4 under a limit of 3 is 2 + 2 (the limit alone would
+    leave the second rank idle)."""
     # Batch norm normalises with statistics over the whole batch: it cannot be split.
     if spec.norm == "batch":
         return [slice(0, batch_size)]
     limit = auto_micro_batch(spec, dtype) if micro_batch is None else micro_batch
+    chunks = -(-batch_size // limit)
+    if ranks > 1:
+        chunks = min(batch_size, -(-chunks // ranks) * ranks)
+        small, large = divmod(batch_size, chunks)
+        bounds = [0]
+        for k in range(chunks):
+            bounds.append(bounds[-1] + small + (k < large))
+        return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
     if limit >= batch_size:
         return [slice(0, batch_size)]
     # Equal chunks (100 images under a limit of 32: 4 x 25, not 32 + 32 + 32 + 4).
-    chunks = -(-batch_size // limit)
     size = -(-batch_size // chunks)
     return [slice(s, min(s + size, batch_size)) for s in range(0, batch_size, size)]
+
+
+def _shares(
+    spec: ConvNetSpec,
+    batch_size: int,
+    micro_batch: int | None,
+    dtype: torch.dtype,
+    distributed: Distributed | None,
+) -> list[slice]:
+    """This rank's micro-batches of a step: all of them on one rank (``distributed`` None)."""
+    if distributed is None:
+        return _micro_batches(spec, batch_size, micro_batch, dtype)
+    return distributed.mine(_micro_batches(spec, batch_size, micro_batch, dtype, distributed.world_size))
 
 
 # ----- memory estimate for the budget switch ------------------------------------------------------------
@@ -552,8 +594,12 @@ def _rollout(
     micro_batch: int | None,
     kernels: _Kernels,
     graphs: StepGraphs | None = None,
+    distributed: Distributed | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Forward pass without a graph: returns ``thetas`` (N, P) holding theta_0 .. theta_{N-1}, and theta_N."""
+    """Forward pass without a graph: returns ``thetas`` (N, P) holding theta_0 .. theta_{N-1}, and theta_N.
+
+    With ``distributed`` (active), this rank computes its share of every step's micro-batches and one
+    all-reduce per step sums the step's gradient (outside any static step's capture)."""
     thetas = _trajectory_storage(len(plan), start)
     theta = start.detach()
     lr_value = lr.detach()
@@ -563,7 +609,7 @@ def _rollout(
         batch = int(step.indices.numel())
         grad = torch.zeros_like(theta)
         leaves = _leaves(spec, theta, kernels.channels_last)
-        for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
+        for mb in _shares(spec, batch, micro_batch, images.dtype, distributed):
             idx = step.indices[mb]
             aug = None if step.augment is None else step.augment[mb]
             if explicit and graphs is not None:
@@ -581,6 +627,8 @@ def _rollout(
             with torch.enable_grad():
                 loss = _leaf_step_loss(spec, leaves, images[idx], labels[idx], aug, batch, kernels)
                 grad += flatten_params(list(torch.autograd.grad(loss, leaves)))
+        if distributed is not None:
+            distributed.all_reduce_sum(grad)
         theta = theta - lr_value * grad
     return thetas, theta
 
@@ -702,14 +750,17 @@ class _CheckpointedUnroll(torch.autograd.Function):
     """exact and tesla: forward rolls out without a graph, backward replays each step."""
 
     @staticmethod
-    def forward(ctx, images, labels, lr, start, target, spec, plan, options, kernels, graphs):
+    def forward(ctx, images, labels, lr, start, target, spec, plan, options, kernels, graphs, distributed):
         images_d, labels_d, lr_d = images.detach(), labels.detach(), lr.detach()
-        thetas, theta_n = _rollout(spec, start, images_d, labels_d, lr_d, plan, options.micro_batch, kernels, graphs)
+        thetas, theta_n = _rollout(
+            spec, start, images_d, labels_d, lr_d, plan, options.micro_batch, kernels, graphs, distributed
+        )
         with torch.enable_grad():
             final = theta_n.detach().requires_grad_(True)
             loss = matching_loss(final, start.detach(), target.detach(), backend=options.backend)
             (lam,) = torch.autograd.grad(loss, final)
         ctx.spec, ctx.plan, ctx.options, ctx.kernels, ctx.graphs = spec, plan, options, kernels, graphs
+        ctx.distributed = distributed
         ctx.save_for_backward(images_d, labels_d, lr_d, lam, thetas)
         return loss.detach()
 
@@ -717,6 +768,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
     def backward(ctx, grad_loss):
         images, labels, lr, lam, thetas = ctx.saved_tensors
         spec, plan, micro_batch, unroll = ctx.spec, ctx.plan, ctx.options.micro_batch, ctx.options.unroll
+        distributed: Distributed | None = ctx.distributed
         need_x, need_y, need_lr = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         lam = lam * grad_loss
         grad_images = torch.zeros_like(images)
@@ -730,7 +782,7 @@ class _CheckpointedUnroll(torch.autograd.Function):
             hvp = torch.zeros_like(lam) if exact else None
             lam_parts = _in_layout(unflatten_params(spec, lam), ctx.kernels.channels_last)
             leaves = _leaves(spec, thetas[i], ctx.kernels.channels_last)
-            for mb in _micro_batches(spec, batch, micro_batch, images.dtype):
+            for mb in _shares(spec, batch, micro_batch, images.dtype, distributed):
                 idx = step.indices[mb]
                 aug = None if step.augment is None else step.augment[mb]
                 if ctx.graphs is not None and reverse is _reverse_explicit:
@@ -773,9 +825,25 @@ class _CheckpointedUnroll(torch.autograd.Function):
                 if need_lr:
                     grad_lr -= dot
             if exact:
+                if distributed is not None:
+                    distributed.all_reduce_sum(hvp)
                 lam = lam - lr * hvp
         grads = (grad_images, grad_labels, grad_lr)
-        return (*(g if need else None for g, need in zip(grads, (need_x, need_y, need_lr))), *[None] * 7)
+        needs = (need_x, need_y, need_lr)
+        if distributed is not None:
+            _sum_over_ranks(distributed, [g for g, need in zip(grads, needs) if need])
+        return (*(g if need else None for g, need in zip(grads, needs)), *[None] * 8)
+
+
+def _sum_over_ranks(distributed: Distributed, tensors: list[Tensor]) -> None:
+    """Sum ``tensors`` over the ranks in place, in one all-reduce of them flattened into one buffer."""
+    if not tensors:
+        return
+    flat = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def trajectory_matching_loss(
@@ -794,6 +862,7 @@ def trajectory_matching_loss(
     plan: UnrollPlan | None = None,
     options: EngineOptions | None = None,
     step_graphs: StepGraphs | None = None,
+    distributed: Distributed | None = None,
     **option_changes: Any,
 ) -> Tensor:
     """DATM's matching loss of one unroll; ``loss.backward()`` fills the grads of images, labels, lr.
@@ -811,6 +880,10 @@ def trajectory_matching_loss(
         step_graphs: the static steps of the run (:class:`~datm_fast.distill.step_graphs.StepGraphs`), kept
             across calls so that ``graphs="on"`` captures each step once per run; default: a new one per
             call (captured at every call).
+        distributed: the ranks that share the unroll's work (``exact``, ``tesla``; see the module's
+            docstring): every rank calls with the same arguments and gets the same loss and gradients.
+            None or a world of one rank: this process alone (no collective is called). ``full`` is
+            refused on several ranks, and ``memory_budget_gb`` never switches to it there.
         options: how the gradient is computed (:class:`EngineOptions`, default: its defaults), e.g. the
             config's ``engine`` section. ``option_changes`` (``unroll="full"``, ``micro_batch=25``, ...)
             replace single options:
@@ -887,8 +960,14 @@ def trajectory_matching_loss(
     elif plan.num_images != images.shape[0]:
         raise ValueError(f"trajectory_matching_loss: plan is for {plan.num_images} images, got {images.shape[0]}")
 
+    sharing = distributed if distributed is not None and distributed.active else None
+    if sharing is not None and options.unroll == "full":
+        raise ValueError(
+            f"trajectory_matching_loss: the full engine cannot share its work over {sharing.world_size} ranks (one "
+            "autograd graph through the whole unroll); use unroll exact (the same gradient) or tesla, or one rank"
+        )
     budget = options.memory_budget_bytes
-    if options.unroll == "exact" and budget is not None:
+    if options.unroll == "exact" and budget is not None and sharing is None:
         batch = max(int(s.indices.numel()) for s in plan.steps)
         if estimate_full_unroll_bytes(spec, batch, len(plan), images.dtype) <= budget:
             options = options.replace(unroll="full")
@@ -896,13 +975,14 @@ def trajectory_matching_loss(
         # Resolved once per unroll, for its largest step: the same as choosing per step, since a step
         # of b images fits whole by either rule exactly when b is at most the largest step's limit.
         largest = max(int(s.indices.numel()) for s in plan.steps)
+        free_bytes = _free_device_bytes(images.device)
         micro_batch = choose_micro_batch(
-            spec,
-            largest,
-            images.dtype,
-            device_type=images.device.type,
-            free_bytes=_free_device_bytes(images.device),
+            spec, largest, images.dtype, device_type=images.device.type, free_bytes=free_bytes
         )
+        if sharing is not None and free_bytes is not None:
+            # Every rank must split the steps alike (their shares are slices of one list), and each GPU
+            # has its own free memory: the smallest choice holds on every rank.
+            micro_batch = min(sharing.all_gather_object(micro_batch))
         options = options.replace(micro_batch=micro_batch)
     kernels = _kernels(options, images.device)
     if options.unroll == "full":
@@ -911,5 +991,5 @@ def trajectory_matching_loss(
     if options.graphs == "on" and kernels.written_out(spec):
         graphs = step_graphs if step_graphs is not None else StepGraphs()
     return _CheckpointedUnroll.apply(
-        images, labels, lr, start_params, target_params, spec, plan, options, kernels, graphs
+        images, labels, lr, start_params, target_params, spec, plan, options, kernels, graphs, sharing
     )

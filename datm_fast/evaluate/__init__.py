@@ -7,6 +7,10 @@
   ``lr_best.pt``) on the data its ``run.json`` records (:func:`run_dataset`); :func:`load_synset`
   reads upstream-format files.
 * :func:`random_real_baseline` and :func:`whole_dataset_baseline`: the same protocol on real data.
+* Every function that trains several runs takes ``distributed=`` (a
+  :class:`~datm_fast.distributed.Distributed`, default one process): the runs are shared out over the
+  ranks with the seeds one process gives them, and every rank returns the whole result in run order
+  (``torchrun ... -m datm_fast.cli eval`` does this; rank 0 alone writes).
 * :class:`EvalConfig` holds the protocol (upstream's defaults) and how to run it: networks without
   batch norm train several runs at once on a GPU (``torch.func.vmap`` over stacked parameters),
   long CPU runs are compiled, everything stays on the device, and every random draw comes from an

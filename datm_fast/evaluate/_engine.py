@@ -95,6 +95,22 @@ class TrainSet:
             return self
         return replace(self, images=self.images[lo:hi], targets=self.targets[lo:hi])
 
+    def select_runs(self, runs: Sequence[int]) -> TrainSet:
+        """The sets of ``runs`` (run indices, in that order): this rank's share of per-run sets; the same
+        object when shared."""
+        if not self.per_run:
+            return self
+        index = torch.as_tensor(list(runs), dtype=torch.int64, device=self.images.device)
+        return replace(self, images=self.images[index], targets=self.targets[index.to(self.targets.device)])
+
+    def to(self, device: torch.device) -> TrainSet:
+        """On ``device``, images float32 (the same object when already there)."""
+        images = self.images.to(device, torch.float32)
+        targets = self.targets.to(device)
+        if images is self.images and targets is self.targets:
+            return self
+        return replace(self, images=images, targets=targets)
+
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Images ``(k, b, C, H, W)`` and targets ``(k, b[, K])`` at indices ``idx`` ``(k, b)`` (one row per run)."""
         if not self.per_run:

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..data import ImageDataset
 from ..distill import EvalOutcome
+from ..distributed import SINGLE, Distributed
 from ._engine import TrainSet
 from .config import EvalConfig, EvalResult
 from .protocol import DeviceLike, check_lr, check_models, evaluate_prepared, evaluate_synset
@@ -77,9 +78,11 @@ def _evaluate_real(
     device: DeviceLike,
     name: str,
     progress: bool,
+    distributed: Distributed,
 ) -> EvalResult:
     """A real-data baseline: ``training_set(dataset, config, device)`` (drawn from ``generator`` before
-    the runs' seeds) trained with hard labels on the protocol, tested on ``dataset``'s test split."""
+    the runs' seeds) trained with hard labels on the protocol, tested on ``dataset``'s test split.
+    Every rank builds the same training set (the same draws) and trains its share of the runs."""
     config = config if config is not None else EvalConfig()
     check_models((config.model,))
     ds = _check_dataset(dataset)
@@ -88,7 +91,7 @@ def _evaluate_real(
     data = training_set(ds, config, dev)
     return evaluate_prepared(
         data, lr_value, ds.test_images, ds.test_labels, ds.num_classes, config,
-        generator=generator, device=dev, name=name, progress=progress,
+        generator=generator, device=dev, name=name, progress=progress, distributed=distributed,
     )  # fmt: skip
 
 
@@ -101,23 +104,34 @@ def random_real_baseline(
     lr: float = BASELINE_LR,
     device: DeviceLike = None,
     progress: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> EvalResult:
     """Evaluate random real subsets of ``ipc`` images per class (hard labels) on the protocol.
 
     Every run draws its own subset (from ``generator``, before the runs' seeds), so the std covers
     the choice of images as well as the training noise: the "random" rows of DATM's tables.
     ``dataset`` must already be in the preprocessing the comparison uses (e.g. ZCA, as DATM). The
-    test split is ``dataset.test_*``.
+    test split is ``dataset.test_*``. ``distributed``: the ranks share the runs out, as in
+    :func:`~datm_fast.evaluate.evaluate_synset`; every rank draws every run's subset (the same
+    ``generator`` draws as one process) and trains on its own runs' only.
     """
 
     def subsets(ds: ImageDataset, cfg: EvalConfig, dev: torch.device) -> TrainSet:
         drawn = [random_real_subset(ds, ipc, generator=generator) for _ in range(cfg.runs)]
-        images = torch.stack([x for x, _ in drawn]).to(dev, torch.float32)
-        return TrainSet(images, torch.stack([y for _, y in drawn]).to(dev), per_run=True)
+        # Left where the dataset is: the evaluation moves only this rank's runs to ``dev``.
+        return TrainSet(torch.stack([x for x, _ in drawn]), torch.stack([y for _, y in drawn]), per_run=True)
 
     name = f"random-real {getattr(dataset, 'name', '?')} ipc {ipc}"
     return _evaluate_real(
-        dataset, subsets, config, generator=generator, lr=lr, device=device, name=name, progress=progress
+        dataset,
+        subsets,
+        config,
+        generator=generator,
+        lr=lr,
+        device=device,
+        name=name,
+        progress=progress,
+        distributed=distributed,
     )
 
 
@@ -129,11 +143,13 @@ def whole_dataset_baseline(
     lr: float = BASELINE_LR,
     device: DeviceLike = None,
     progress: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> EvalResult:
     """Evaluate the whole train split (hard labels) on the protocol: the upper reference.
 
     The protocol's 1000 epochs are many for a whole split (CIFAR-10: 196 steps per epoch at batch
     256); pass a config with fewer (upstream's baseline script was run with 200 and more).
+    ``distributed``: the ranks share the runs out, as in :func:`~datm_fast.evaluate.evaluate_synset`.
     """
 
     def whole(ds: ImageDataset, cfg: EvalConfig, dev: torch.device) -> TrainSet:
@@ -141,7 +157,15 @@ def whole_dataset_baseline(
 
     name = f"whole {getattr(dataset, 'name', '?')}"
     return _evaluate_real(
-        dataset, whole, config, generator=generator, lr=lr, device=device, name=name, progress=progress
+        dataset,
+        whole,
+        config,
+        generator=generator,
+        lr=lr,
+        device=device,
+        name=name,
+        progress=progress,
+        distributed=distributed,
     )
 
 
@@ -156,6 +180,7 @@ def _evaluate_on_test_split(
     *,
     name: str = "",
     progress: bool,
+    distributed: Distributed = SINGLE,
 ) -> EvalResult:
     """:func:`evaluate_synset` of a candidate set on ``dataset``'s test split, from a generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)
@@ -170,6 +195,7 @@ def _evaluate_on_test_split(
         device=device,
         name=name,
         progress=progress,
+        distributed=distributed,
     )
 
 
@@ -188,18 +214,22 @@ def evaluate_against_random_real(
     baseline_lr: float = BASELINE_LR,
     device: DeviceLike = None,
     progress: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> tuple[EvalResult, EvalResult]:
     """A distilled set and random real subsets of the same IPC, on one protocol, written side by side.
 
     What ``datm-fast quickstart`` and ``datm-fast reproduce`` report for every IPC: the distilled set
     (its learned labels and lr) through :func:`evaluate_synset`, then :func:`random_real_baseline`,
     each from a generator seeded with ``seed``; both results go to ``results_path`` (atomically,
-    :func:`write_results`) with ``meta`` plus the IPC and the baseline's kind.
+    :func:`write_results`) with ``meta`` plus the IPC and the baseline's kind. ``distributed``: the
+    ranks share each evaluation's runs out; rank 0 alone writes.
 
-    Returns ``(distilled, baseline)``.
+    Returns ``(distilled, baseline)`` (on every rank).
     """
     ds = _check_dataset(dataset)
-    distilled = _evaluate_on_test_split(images, labels, lr, ds, config, seed, device, name=name, progress=progress)
+    distilled = _evaluate_on_test_split(
+        images, labels, lr, ds, config, seed, device, name=name, progress=progress, distributed=distributed
+    )
     baseline = random_real_baseline(
         ds,
         ipc,
@@ -208,14 +238,16 @@ def evaluate_against_random_real(
         lr=baseline_lr,
         device=device,
         progress=progress,
+        distributed=distributed,
     )
-    write_results(
-        results_path,
-        [distilled, baseline],
-        config=config,
-        device=device,
-        meta={**(meta or {}), "ipc": ipc, "baseline": "random-real"},
-    )
+    if distributed.is_main:
+        write_results(
+            results_path,
+            [distilled, baseline],
+            config=config,
+            device=device,
+            meta={**(meta or {}), "ipc": ipc, "baseline": "random-real"},
+        )
     return distilled, baseline
 
 

@@ -7,6 +7,11 @@ Examples::
     datm-fast eval logged/Normal --dataset cifar10 --data-root ../shared/data --zca --models M
     datm-fast eval images_5000.pt labels_5000.pt lr_5000.pt --dataset cifar10 --data-root DIR --zca
     datm-fast eval --baseline random-real --ipc 10 --dataset cifar10 --data-root DIR --zca --runs 5
+    torchrun --nproc-per-node 4 -m datm_fast.cli eval runs/c10-ipc10 --runs 5   # the runs shared by 4 GPUs
+
+Under torchrun the runs of every model are shared out over the ranks (one device each, ``cuda:LOCAL_RANK``)
+with the seeds one process gives them, so the accuracies are one process's; the ranks first agree on
+the set, the data and the protocol, and rank 0 alone prints and writes the results.
 
 Registered by :func:`add_parser` into the ``datm-fast`` parser.
 """
@@ -16,7 +21,12 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the command imports torch when it runs, not when the parser is built
+    import torch
+
+    from ..distributed import Distributed
 
 __all__ = ["add_parser", "run_eval"]
 
@@ -25,6 +35,8 @@ _BASELINES = ("random-real", "whole")
 
 def add_parser(subparsers: Any) -> None:
     """Register the ``eval`` subcommand on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
+    from ..distributed import add_timeout_flag
+
     p = subparsers.add_parser(
         "eval",
         help="evaluate distilled sets or baselines (DATM's protocol)",
@@ -63,6 +75,7 @@ def add_parser(subparsers: Any) -> None:
     run = p.add_argument_group("running")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_timeout_flag(run)
     run.add_argument("--engine", choices=("auto", "functional", "module"), default="auto")
     run.add_argument("--parallel-runs", type=int, default=None, help="runs trained at once (default: auto)")
     run.add_argument(
@@ -97,14 +110,76 @@ def _split_files(paths: list[Path]) -> tuple[Path, Path, Path | None]:
     return found["images"], found["labels"], found.get("lr")
 
 
+def _digest(*tensors: Any) -> str:
+    """sha256 of the tensors' dtypes, shapes and bytes (first 16 hex digits: enough to tell sets apart)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        flat = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{flat.dtype}{tuple(t.shape)};".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dataset_summary(dataset: Any) -> dict[str, Any]:
+    """What the ranks must share about the loaded data: sizes, classes and the exact test labels.
+
+    Not the fingerprint nor the test pixels: data copied to another machine can have other file
+    metadata (in the fingerprint of large trees) and a ZCA fitted there other last bits, and neither
+    is a different test.
+    """
+    return {
+        "name": dataset.name,
+        "preprocessing": dataset.preprocessing,
+        "classes": dataset.num_classes,
+        "train": tuple(dataset.train_images.shape),
+        "test": tuple(dataset.test_images.shape),
+        "test labels": _digest(dataset.test_labels),
+    }
+
+
+def _agree_on(distributed: Distributed, what: str, values: dict[str, Any]) -> None:
+    """The ranks agree on each of ``values`` (``what``'s fields), naming the first that differs."""
+    distributed.agree_each({f"{what}'s {k}": v for k, v in values.items()})
+
+
+def _check_writable_on_rank0(distributed: Distributed, directory: Path) -> None:
+    """``check_writable`` where the results are written (rank 0), raised on every rank: the others
+    would otherwise stop with a lost connection at their next collective, not with the reason."""
+    from ..distributed import on_main
+    from ..utils import check_writable
+
+    on_main(distributed, f"check that it can write in {directory}", lambda: check_writable(directory), share=False)
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    """Carry out ``datm-fast eval`` (see the module docstring); returns the exit status."""
+    """Carry out ``datm-fast eval`` (see the module docstring); returns the exit status.
+
+    Under torchrun each rank trains its share of every model's runs (one device per rank:
+    ``cuda:LOCAL_RANK``); rank 0 prints the table and writes the results, the same as one process's.
+    """
+    import torch
+
+    from ..distributed import from_environment, launched_by_torchrun
+    from ..utils import resolve_device
+
+    device = resolve_device(args.device)
+    with from_environment(device.type, timeout_s=args.dist_timeout) as distributed:
+        if launched_by_torchrun() and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", distributed.local_rank)
+        return _run_eval(args, device, distributed)
+
+
+def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distributed) -> int:
     import torch
 
     from ..augment import DSAConfig
     from ..data import DataSpec
     from ..distill.rundir import RunDir, load_synset
-    from ..utils import check_writable, resolve_device, retain_freed_memory
+    from ..utils import retain_freed_memory
     from .baselines import BASELINE_LR, random_real_baseline
     from .baselines import whole_dataset_baseline as whole_baseline
     from .config import EvalConfig, resolve_models
@@ -114,7 +189,6 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.zca and args.preprocess not in (None, "zca"):
         raise ValueError(f"--zca contradicts --preprocess {args.preprocess}")
     preprocessing = "zca" if args.zca else args.preprocess
-    device = resolve_device(args.device)
     if device.type == "cpu":
         retain_freed_memory()  # this process only trains: reuse freed activations (1.2-1.6x on CPU)
     generator = torch.Generator().manual_seed(args.seed)
@@ -131,6 +205,15 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     meta: dict[str, Any] = {"seed": args.seed}
 
+    def agree_on_inputs(data: DataSpec, models: tuple[str, ...], lr: float, set_digest: str | None) -> None:
+        # Before the data are loaded: a rank given other arguments or another set fails at once, on every rank.
+        if set_digest is not None:
+            distributed.agree("the set (sha256)", set_digest)
+        # Not the data root: a copy of the data may lie elsewhere on another machine.
+        _agree_on(distributed, "the data", {k: v for k, v in data.to_json().items() if k != "root"})
+        protocol = {**config.to_dict(), "models": models, "lr": lr, "seed": args.seed}
+        _agree_on(distributed, "the protocol", {**protocol, "baseline": args.baseline, "ipc": args.ipc})
+
     if args.baseline is not None:
         if args.inputs:
             raise ValueError("--baseline evaluates real data: give no RUN_DIR_OR_FILES")
@@ -142,18 +225,21 @@ def run_eval(args: argparse.Namespace) -> int:
         models = check_models(resolve_models(args.models) if args.models else (config.model,))
         suffix = f"_ipc{args.ipc}" if args.baseline == "random-real" else ""
         out = args.out or Path(f"eval_{args.baseline}_{Path(args.dataset).stem}{suffix}.json")
-        check_writable(out.parent)  # a read-only place fails now, not after minutes of training
-        dataset, _ = data.load(cache_dir=args.cache_dir)
+        _check_writable_on_rank0(distributed, out.parent)  # a read-only place fails now, not after training
         lr = args.lr if args.lr is not None else BASELINE_LR
+        agree_on_inputs(data, models, lr, None)
+        dataset, _ = data.load(cache_dir=args.cache_dir)
+        _agree_on(distributed, "the dataset", _dataset_summary(dataset))
         results = []
         for m in models:
             cfg = config.replace(model=m)
+            options: dict[str, Any] = dict(
+                generator=generator, lr=lr, device=device, progress=not args.quiet, distributed=distributed
+            )
             if args.baseline == "random-real":
-                res = random_real_baseline(
-                    dataset, args.ipc, cfg, generator=generator, lr=lr, device=device, progress=not args.quiet
-                )
+                res = random_real_baseline(dataset, args.ipc, cfg, **options)
             else:
-                res = whole_baseline(dataset, cfg, generator=generator, lr=lr, device=device, progress=not args.quiet)
+                res = whole_baseline(dataset, cfg, **options)
             results.append(res)
         meta.update(baseline=args.baseline, ipc=args.ipc, data=data.to_json())
     else:
@@ -192,8 +278,10 @@ def run_eval(args: argparse.Namespace) -> int:
         lr = args.lr if args.lr is not None else synset.lr
         if lr is None:
             raise ValueError(f"{source}: no lr file; pass --lr")
-        check_writable(Path(out).parent)  # a read-only place fails now, not after minutes of training
+        _check_writable_on_rank0(distributed, Path(out).parent)  # a read-only place fails now, not after training
+        agree_on_inputs(data, models, lr, _digest(synset.images, synset.labels))
         dataset, _ = data.load(root=args.data_root, cache_dir=args.cache_dir)
+        _agree_on(distributed, "the dataset", _dataset_summary(dataset))
         results = evaluate_models(
             synset.images,
             synset.labels,
@@ -202,6 +290,7 @@ def run_eval(args: argparse.Namespace) -> int:
             dataset.test_labels,
             models,
             config,
+            distributed=distributed,
             generator=generator,
             device=device,
             num_classes=dataset.num_classes,
@@ -210,10 +299,14 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         meta.update(source=source, data=data.to_json())
 
+    if not distributed.is_main:  # every rank holds the results; one prints and writes them
+        return 0
     print(format_table(results))
     for r in results:
         if r.diverged:
             print(f"warning: {r.model}: training diverged in some run (non-finite loss); check the lr and the set")
+    if distributed.active:
+        meta.update(world_size=distributed.world_size)
     path = write_results(out, results, config=config, device=device, meta=meta)
     print(f"results: {path}")
     return 0

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..distributed import SINGLE, Distributed
 from ..models import network_names
-from ._engine import TrainSet, make_run_rngs, train_and_test
+from ._engine import GroupResult, TrainSet, make_run_rngs, train_and_test
 from .config import EvalConfig, EvalResult, resolve_models
 
-__all__ = ["evaluate_synset", "evaluate_models", "check_lr", "check_models", "DeviceLike"]
+__all__ = ["evaluate_synset", "evaluate_models", "check_lr", "check_models", "merge_runs", "DeviceLike"]
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -101,6 +102,27 @@ def prepare_targets(labels: Tensor, n: int, num_classes: int, what: str = "label
     return labels.detach().long()
 
 
+def merge_runs(parts: Sequence[tuple[Sequence[int], Sequence[int], Sequence[float], float]], runs: int) -> GroupResult:
+    """One :class:`GroupResult` in run order from every rank's ``(run indices, correct, losses, seconds)``.
+
+    The wall time is the slowest rank's: the ranks train at the same time. Raises ``RuntimeError`` unless
+    every run was computed by exactly one rank (a share that is not a partition is a bug, not bad input).
+    """
+    correct: list[int | None] = [None] * runs
+    losses: list[float] = [math.nan] * runs
+    for indices, cor, los, _ in parts:
+        if not len(indices) == len(cor) == len(los):
+            raise RuntimeError(f"a rank returned {len(cor)} results for {len(indices)} runs")
+        for i, c, v in zip(indices, cor, los):
+            if not 0 <= i < runs or correct[i] is not None:
+                raise RuntimeError(f"run {i} of {runs} was computed by no rank or by several")
+            correct[i], losses[i] = c, v
+    missing = [i for i, c in enumerate(correct) if c is None]
+    if missing:
+        raise RuntimeError(f"runs {missing} of {runs} were computed by no rank")
+    return GroupResult([int(c) for c in correct if c is not None], losses, max((p[3] for p in parts), default=0.0))
+
+
 def evaluate_prepared(
     data: TrainSet,
     lr: float,
@@ -113,23 +135,51 @@ def evaluate_prepared(
     device: torch.device,
     name: str,
     progress: bool,
+    distributed: Distributed = SINGLE,
 ) -> EvalResult:
-    """Evaluate an already checked set on the device (the shared core of every public entry point)."""
+    """Evaluate an already checked set on the device (the shared core of every public entry point).
+
+    ``data`` holds every run's set (a per-run set may still be on the host: only this rank's share is
+    moved to ``device``). With several ranks each trains ``distributed.mine(range(config.runs))`` and
+    every rank returns the whole result, in run order.
+    """
     if data.per_run and data.images.shape[0] != config.runs:
         raise ValueError(f"{data.images.shape[0]} per-run sets for {config.runs} runs")
     test_x = test_images.detach().to(device, torch.float32)
     test_y = test_labels.detach().to(device, torch.int64)
+    # Every rank draws every run's seeds, in the one call a single process makes: run r gets the same
+    # generators whichever rank trains it, and ``generator`` ends where one process leaves it (the next
+    # model of a pool draws the same seeds too).
     rngs = make_run_rngs(generator, config.runs, device)
+    mine = distributed.mine(range(config.runs))
+    if len(mine) != config.runs:
+        data = data.select_runs(mine)
+    data = data.to(device)
+    desc = f"eval {config.model}" + (f" ({name})" if name else "")
     with tqdm(
-        total=config.runs * config.num_passes,
-        desc=f"eval {config.model}" + (f" ({name})" if name else ""),
+        total=len(mine) * config.num_passes,
+        desc=desc + (f" [{distributed}]" if distributed.active else ""),
         unit="ep",
-        disable=not progress,
+        disable=not progress or not distributed.is_main,  # one bar: the others would overwrite its line
         leave=False,
     ) as bar:
-        out = train_and_test(
-            config.model, num_classes, data, lr, test_x, test_y, config, rngs, device, lambda k: bar.update(k)
-        )
+        if mine:
+            out = train_and_test(
+                config.model,
+                num_classes,
+                data,
+                lr,
+                test_x,
+                test_y,
+                config,
+                [rngs[r] for r in mine],
+                device,
+                lambda k: bar.update(k),
+            )
+        else:  # more ranks than runs: this one only takes part in the gather
+            out = GroupResult([], [], 0.0)
+    if distributed.active:
+        out = merge_runs(distributed.all_gather_object((mine, out.correct, out.losses, out.seconds)), config.runs)
     m = test_x.shape[0]
     return EvalResult(
         model=config.model,
@@ -156,6 +206,7 @@ def evaluate_synset(
     num_classes: int | None = None,
     name: str = "",
     progress: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> EvalResult:
     """Train ``config.runs`` fresh ``config.model`` networks on a set and test them (DATM's protocol).
 
@@ -173,7 +224,11 @@ def evaluate_synset(
             once and stay.
         num_classes: default: ``K`` of logit labels, else the largest label + 1.
         name: free text stored in the result (what was evaluated).
-        progress: show a tqdm bar (one tick per run-epoch).
+        progress: show a tqdm bar (one tick per run-epoch; rank 0's share when there are several ranks).
+        distributed: the ranks that share the runs out (:meth:`~datm_fast.distributed.Distributed.mine`,
+            round robin); call on every rank with the same arguments. Each run draws what it draws in
+            one process, so the accuracies are those of one process (to the bit on CPU, where each run
+            is trained alone either way); every rank returns the whole result. Default: this process.
 
     Returns:
         :class:`EvalResult` with per-run test accuracies, their mean and std, final training losses and
@@ -217,6 +272,7 @@ def evaluate_synset(
         device=dev,
         name=name,
         progress=progress,
+        distributed=distributed,
     )
 
 
@@ -228,6 +284,8 @@ def evaluate_models(
     test_labels: Tensor,
     models: Union[str, Sequence[str]],
     config: EvalConfig | None = None,
+    *,
+    distributed: Distributed = SINGLE,
     **options: Any,
 ) -> list[EvalResult]:
     """:func:`evaluate_synset` for each model of a cross-architecture pool, in order.
@@ -235,10 +293,14 @@ def evaluate_models(
     ``models`` is a pool name (``"M"``: ConvNet, AlexNet, VGG11, ResNet18; see
     :data:`~datm_fast.evaluate.EVAL_POOLS`), a comma-separated string or a list of names;
     ``config.model`` is replaced by each in turn. ``options`` are :func:`evaluate_synset`'s keywords
-    (``generator`` required); the models draw their seeds from ``generator`` in turn.
+    (``generator`` required, ``distributed`` to share each model's runs out over ranks); the models
+    draw their seeds from ``generator`` in turn.
     """
     config = config if config is not None else EvalConfig()
     names = check_models(resolve_models(models))
     return [
-        evaluate_synset(images, labels, lr, test_images, test_labels, config.replace(model=m), **options) for m in names
+        evaluate_synset(
+            images, labels, lr, test_images, test_labels, config.replace(model=m), distributed=distributed, **options
+        )
+        for m in names
     ]

@@ -9,6 +9,7 @@ import torch
 
 from ..data import ImageDataset
 from ..distill.rundir import PathLike, RunDir
+from ..distributed import SINGLE, Distributed
 from .config import EvalConfig, EvalResult, resolve_models
 from .protocol import DeviceLike, evaluate_models
 
@@ -42,6 +43,7 @@ def evaluate_run_dir(
     cache_dir: PathLike | None = None,
     device: DeviceLike = None,
     progress: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> list[EvalResult]:
     """Evaluate ``images_<tag>.pt`` / ``labels_<tag>.pt`` / ``lr_<tag>.pt`` of a run directory.
 
@@ -56,6 +58,7 @@ def evaluate_run_dir(
         tag: which files (``best``, an iteration number, ...).
         lr: overrides the learned lr (required when there is no ``lr_<tag>.pt``).
         device: where to train; default CUDA when available, else CPU.
+        distributed: the ranks that share each model's runs out (see :func:`evaluate_synset`).
 
     Returns one :class:`EvalResult` per model, named after the directory.
 
@@ -103,4 +106,5 @@ def evaluate_run_dir(
         num_classes=dataset.num_classes,
         name=str(run.path),
         progress=progress,
+        distributed=distributed,
     )

@@ -15,6 +15,11 @@ counts as finished only once the manifest lists it with its checksum and size. A
 the manifest does not list yet (killed between the two renames) is adopted on resume if its header
 says it was made by the same run settings, else it is trained again.
 
+One process writes the manifest (:class:`BufferWriter`, holding the directory's lock); the other ranks
+of a ``torchrun`` job write only their experts' files (:class:`ExpertFiles`), which it then lists. A
+file's bytes depend on the expert alone (no timings in it, a header with sorted keys), so every run
+that trains an expert the same way writes the same file.
+
 Reading never loads a whole buffer: :meth:`ExpertBuffer.params` memory-maps the expert's file and
 copies one row (1.3 MB for the CIFAR ConvNet) out of it. Checks:
 
@@ -43,6 +48,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -63,11 +69,13 @@ __all__ = [
     "ExpertBuffer",
     "ExpertBufferError",
     "BufferWriter",
+    "ExpertFiles",
     "convert_upstream",
     "dataset_info",
     "expert_filename",
     "file_sha256",
     "infer_upstream_spec",
+    "manifest_entry",
     "spec_from_dict",
     "spec_to_dict",
 ]
@@ -183,6 +191,87 @@ def _check_entry(root: Path, index: str, entry: Any) -> None:
 
 
 # ----- writing ------------------------------------------------------------------------------------------------
+def manifest_entry(file_entry: dict[str, Any], run_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An expert's manifest entry: what :meth:`ExpertFiles.write` returned (the file's own entry, then
+    ``file``, ``sha256``, ``bytes``) with ``run_info`` (timings: true of one run only) before the file fields."""
+    fields = ("file", "sha256", "bytes")
+    own = {k: v for k, v in file_entry.items() if k not in fields}
+    return {**own, **(run_info or {}), **{k: file_entry[k] for k in fields}}
+
+
+class ExpertFiles:
+    """Writes expert files into a buffer directory, and nothing else: no lock, no manifest.
+
+    For the processes of one job (the ranks of ``torchrun``), each writing the experts it trained while
+    the job's :class:`BufferWriter` (rank 0) holds the directory's lock and alone writes the manifest,
+    listing the files with :meth:`BufferWriter.record`. Each file is written atomically (a temporary
+    file, fsynced, renamed), so a killed writer leaves no file or a complete one, which the next run
+    adopts (:meth:`BufferWriter.finished`) since the file carries its own entry and data checksum.
+
+    A file's bytes are a function of the header and the expert's ``info`` alone: the safetensors header
+    is written here with sorted keys (``safetensors.torch.save`` orders the metadata by a per-process
+    hash, so the same expert saved twice gave different bytes) and ``info`` holds no timings. The same
+    expert trained by any rank, in any run, is therefore the same file, checksum included.
+    """
+
+    def __init__(self, root: PathLike, header: dict[str, Any]) -> None:
+        self.root = Path(root)
+        for key in ("model", "dataset", "config", "num_epochs", "num_params"):
+            if key not in header:
+                raise ValueError(f"ExpertFiles: header needs {key!r}")
+        base = {"format": FORMAT, "format_version": FORMAT_VERSION}
+        self.header = {**base, **header}
+        self.identity = _identity(self.header)
+
+    def write(self, index: int, trajectory: Tensor, info: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write expert ``index``'s file atomically; returns ``info`` with ``file``, ``sha256`` and ``bytes``."""
+        expected = (self.header["num_epochs"] + 1, self.header["num_params"])
+        if tuple(trajectory.shape) != expected:
+            raise ValueError(f"BufferWriter.add: trajectory must be {expected}, got {tuple(trajectory.shape)}")
+        if not bool(torch.isfinite(trajectory).all()):
+            raise ValueError(f"BufferWriter.add: expert {index}'s trajectory has non-finite values")
+        entry = dict(info or {})
+        tensor = trajectory.detach().to("cpu", torch.float32).contiguous()
+        data = memoryview(tensor.numpy()).cast("B")  # the file's data region, without a copy
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "expert": str(index),
+            "identity": self.identity,
+            "model": _canonical(self.header["model"]),
+            "entry": _canonical(entry),
+            # Makes the file self-verifying, so that a complete file the manifest does not list yet
+            # (killed between the two renames) can be adopted on resume without trusting it blindly.
+            "data_sha256": hashlib.sha256(data).hexdigest(),
+        }
+        head = _safetensors_head(tensor, meta)
+        name = expert_filename(index)
+        with atomic_write(self.root / name) as f:
+            f.write(head)
+            f.write(data)
+        digest = hashlib.sha256(head)
+        digest.update(data)
+        entry.update(file=name, sha256=digest.hexdigest(), bytes=len(head) + len(data))
+        return entry
+
+
+def _safetensors_head(tensor: Tensor, metadata: dict[str, str]) -> bytes:
+    """The safetensors prefix of a file holding ``tensor`` (float32) as ``TENSOR_NAME``: the header's length
+    (8 bytes, little endian), then its JSON with sorted keys, padded with spaces to 8 bytes as safetensors
+    pads it. The data region that follows is the tensor's bytes, which are little endian on every machine
+    torch runs on (checked here rather than assumed)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("writing expert files needs a little-endian machine (safetensors stores little endian)")
+    size = tensor.numel() * tensor.element_size()
+    header = {
+        "__metadata__": metadata,
+        TENSOR_NAME: {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [0, size]},
+    }
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 class BufferWriter:
     """Appends experts to a native buffer directory, crash-safely (see the module docstring).
 
@@ -202,9 +291,9 @@ class BufferWriter:
         for key in ("model", "dataset", "config", "num_epochs", "num_params"):
             if key not in header:
                 raise ValueError(f"BufferWriter: header needs {key!r}")
-        base = {"format": FORMAT, "format_version": FORMAT_VERSION}
-        self.header = {**base, **header}
-        self.identity = _identity(self.header)
+        self.files = ExpertFiles(self.root, header)
+        self.header = self.files.header
+        self.identity = self.files.identity
         if self.root.exists() and not self.root.is_dir():
             raise ExpertBufferError(f"{self.root}: exists and is not a directory")
         check_writable(self.root)  # a read-only place or a full disk: one OSError naming it, before training
@@ -313,37 +402,46 @@ class BufferWriter:
             return None
         return {**entry, "file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
-    def add(self, index: int, trajectory: Tensor, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    def add(
+        self,
+        index: int,
+        trajectory: Tensor,
+        info: dict[str, Any] | None = None,
+        *,
+        run_info: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Store expert ``index``'s trajectory ``(num_epochs + 1, num_params)`` and its ``info`` (seed,
-        per-epoch stats; JSON-ready). Writes the file atomically, then the manifest. Returns the entry."""
-        from safetensors.torch import save
+        per-epoch stats; JSON-ready). Writes the file atomically, then the manifest. Returns the entry.
 
-        expected = (self.header["num_epochs"] + 1, self.header["num_params"])
-        if tuple(trajectory.shape) != expected:
-            raise ValueError(f"BufferWriter.add: trajectory must be {expected}, got {tuple(trajectory.shape)}")
-        if not bool(torch.isfinite(trajectory).all()):
-            raise ValueError(f"BufferWriter.add: expert {index}'s trajectory has non-finite values")
-        entry = dict(info or {})
-        tensor = trajectory.detach().to("cpu", torch.float32).contiguous()
-        meta = {
-            "format": FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "expert": str(index),
-            "identity": self.identity,
-            "model": _canonical(self.header["model"]),
-            "entry": _canonical(entry),
-            # Makes the file self-verifying, so that a complete file the manifest does not list yet
-            # (killed between the two renames) can be adopted on resume without trusting it blindly.
-            "data_sha256": hashlib.sha256(memoryview(tensor.numpy()).cast("B")).hexdigest(),
-        }
-        data = save({TENSOR_NAME: tensor}, metadata=meta)
-        name = expert_filename(index)
-        with atomic_write(self.root / name) as f:
-            f.write(data)
-        entry.update(file=name, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
-        self.manifest["experts"][str(index)] = entry
+        ``run_info`` (e.g. the training time) goes into the manifest only, not into the file, so that
+        the file's bytes depend on what was trained alone and are the same in every run that trains it.
+        """
+        self.record({index: manifest_entry(self.files.write(index, trajectory, info), run_info)})
+        return self.manifest["experts"][str(index)]
+
+    def record(self, entries: dict[int, dict[str, Any]]) -> None:
+        """List expert files that another process of this job wrote (:class:`ExpertFiles`) in the manifest,
+        after checking that each is here under its name with the size and sha256 its writer reported
+        (which also proves that this process sees the writer's directory). Saves the manifest once."""
+        for index, entry in sorted(entries.items()):
+            _check_entry(self.root, str(index), entry)
+            path = self.root / entry["file"]
+            if entry["file"] != expert_filename(index):
+                raise ExpertBufferError(f"{path}: reported for expert {index}, whose file is {expert_filename(index)}")
+            if not path.is_file():
+                raise ExpertBufferError(
+                    f"{path}: missing, though its writer reported it written (is {self.root} one directory that "
+                    "every rank sees?)"
+                )
+            size = path.stat().st_size
+            if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+                raise ExpertBufferError(
+                    f"{path}: {size} bytes, sha256 {file_sha256(path)[:16]}...; its writer reported {entry['bytes']} "
+                    f"bytes, sha256 {str(entry['sha256'])[:16]}...: changed since it was written"
+                )
+        for index, entry in entries.items():
+            self.manifest["experts"][str(index)] = entry
         self._save_manifest()
-        return entry
 
     def set(self, **fields: Any) -> None:
         """Set informational top-level manifest fields (e.g. ``requested_experts``) and save."""

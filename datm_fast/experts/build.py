@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Union
+from pathlib import Path
+from typing import IO, Any, Callable, Union
 
 import torch
 
 from .._version import __version__
 from ..backends import Backend
 from ..data import DataSpec, ImageDataset
+from ..distributed import SINGLE, Distributed, OtherRankFailed
 from ..models import ConvNetSpec
-from .buffer import BufferWriter, ExpertBuffer, dataset_info, spec_to_dict
+from ..utils import resolve_device
+from .buffer import (
+    BufferWriter,
+    ExpertBuffer,
+    ExpertBufferError,
+    ExpertFiles,
+    dataset_info,
+    manifest_entry,
+    spec_to_dict,
+)
 from .config import ExpertConfig
-from .train import EpochReport, ExpertTrainer, TrainedExpert
+from .train import EpochReport, ExpertTrainer, TrainedExpert, default_experts_per_batch
 
 __all__ = ["BuildSummary", "build_buffer"]
 
@@ -31,6 +43,8 @@ class BuildSummary:
     skipped: tuple[int, ...]  # experts already in the buffer (resume)
     seconds: float  # wall time of the training part
     final_test_acc: tuple[float, ...]  # last-epoch test accuracy of every expert in the buffer that has one
+    world_size: int = 1  # processes (torchrun ranks) that trained them
+    trained_here: tuple[int, ...] | None = None  # experts this rank trained (None: all of ``trained``)
 
     @property
     def expert_epochs_per_second(self) -> float:
@@ -46,8 +60,10 @@ class BuildSummary:
             if accs
             else "no test accuracy recorded"
         )
+        ranks = f" on {self.world_size} ranks" if self.world_size > 1 else ""
         rate = (
-            f"trained {len(self.trained)} in {self.seconds:.1f} s ({self.expert_epochs_per_second:.3g} expert-epochs/s)"
+            f"trained {len(self.trained)}{ranks} in {self.seconds:.1f} s "
+            f"({self.expert_epochs_per_second:.3g} expert-epochs/s)"
             if self.trained
             else "nothing to train"
         )
@@ -71,6 +87,7 @@ def build_buffer(
     backend: Backend = "auto",
     progress: bool = False,
     verify_existing: bool = True,
+    distributed: Distributed = SINGLE,
 ) -> BuildSummary:
     """Train experts ``0..num_experts-1`` into the buffer directory ``out``, skipping finished ones.
 
@@ -84,9 +101,27 @@ def build_buffer(
     distillation from the buffer rebuilds the same data (``ExpertBuffer.data_spec``).
     ``backend``: of the fused ConvNet block, see :class:`~datm_fast.experts.ExpertTrainer`.
     ``progress=True`` shows a tqdm bar (experts, epoch, ETA, current test accuracy) on stderr.
+
+    ``distributed``: the processes of a ``torchrun`` job (:func:`datm_fast.distributed.from_environment`), every
+    one calling this with the same arguments (checked first: :class:`~datm_fast.distributed.RanksDisagree`
+    on every rank otherwise) and ``device`` its own. The experts to train are dealt round robin (on a new
+    buffer expert ``k`` goes to rank ``k mod world_size``; on resume the missing ones are dealt, so that
+    the ranks share what is left evenly), each rank trains its share in groups of ``experts_per_batch``
+    and writes their files; rank 0 alone holds the directory's lock and writes the manifest. Each expert
+    is seeded from (seed, k) whichever rank trains it, and its file holds no timing, so the buffer is
+    the one a single process makes, file for file, wherever each expert is trained in a group of the
+    same experts (``experts_per_batch=1``, the CPU default) with the same kernels (on a CPU: as many
+    threads per process; torchrun gives each rank one unless OMP_NUM_THREADS says otherwise). Larger
+    groups differ with the world size (rank ``r`` groups ``r, r + N, ...``), which changes a group's
+    float rounding only (see :mod:`datm_fast.experts.train`), as resuming an interrupted group does.
+    The manifests differ in each expert's ``seconds`` (a timing) alone.
     """
     if num_experts < 1:
         raise ValueError(f"build_buffer: num_experts must be >= 1, got {num_experts}")
+    dev = resolve_device(device)
+    per = default_experts_per_batch(dev) if experts_per_batch is None else int(experts_per_batch)
+    if per < 1:
+        raise ValueError(f"experts_per_batch must be >= 1, got {experts_per_batch}")
     header = {
         "model": {"name": model_name, "spec": spec_to_dict(spec)},
         "dataset": dataset_info(dataset),
@@ -96,47 +131,307 @@ def build_buffer(
     }
     if data_spec is not None:
         header["data"] = data_spec.to_json()
-    with BufferWriter(out, header) as writer:
-        done = writer.finished(verify=verify_existing)
-        todo = [i for i in range(num_experts) if i not in done]
-        skipped = tuple(sorted(i for i in done if i < num_experts))
+    versions = _versions()
+    root = Path(out)
+    where = {k: v for k, v in (header.get("data") or {}).items() if k != "root"}  # the data may sit elsewhere
+    distributed.agree_each(
+        {
+            "the model": header["model"],
+            "the dataset (name, fingerprint, preprocessing, sizes)": header["dataset"],
+            "the data spec": where,
+            "the training config": header["config"],
+            "the number of experts": num_experts,
+            "the buffer directory": str(root.resolve()),
+            "the experts per batch": per,
+            "the block backend asked for": backend,
+            "the device type": dev.type,
+            "checking finished experts by checksum": verify_existing,
+            "the versions": versions,
+        },
+    )
+    writer: BufferWriter | None = None
+    held: IO[str] | None = None
+    try:
+        writer, plan = _open(distributed, root, header, num_experts, verify_existing, versions)
+        if distributed.active:
+            problem = None
+            if not distributed.is_main:
+                try:
+                    _check_probe(root, plan.probe)
+                    held = _ranks_lock(root, shared=True)
+                except (ExpertBufferError, OSError) as exc:
+                    problem = str(exc)
+            _all_fine(distributed, problem)
+            if distributed.is_main and plan.probe is not None:
+                (root / plan.probe[0]).unlink(missing_ok=True)
         started = time.perf_counter()
-        if todo:
-            trainer = ExpertTrainer(dataset, spec, config, device=device, backend=backend)
-            writer.set(
-                requested_experts=max(num_experts, int(writer.manifest.get("requested_experts") or 0)),
-                versions=_versions(),
-            )
-            total = int(dataset.train_labels.shape[0])
-            bar = _Progress(len(todo), config.epochs, num_experts, total) if progress else None
+        mine = tuple(distributed.mine(plan.todo))
+        reported = _train(
+            distributed, writer, root, header, dataset, spec, config, dev, backend, per, plan, mine, progress
+        )
+        # Every rank has written its files (the pulses ended only once no rank trains): rank 0 checks and lists
+        # them, and no rank returns before the manifest is final (_all_fine is the barrier).
+        problem = None
+        gathered = distributed.all_gather_object(reported)
+        if writer is not None and distributed.active:
             try:
-                for expert in trainer.train_iter(
-                    todo,
-                    experts_per_batch=experts_per_batch,
-                    on_step=bar.step if bar else None,
-                    on_epoch=bar.epoch if bar else None,
-                ):
-                    writer.add(expert.index, expert.trajectory, _entry(expert, trainer))
-            finally:
-                if bar is not None:
-                    bar.close()
-    seconds = time.perf_counter() - started
+                writer.record({k: e for entries in gathered[1:] for k, e in entries.items()})
+            except (ExpertBufferError, OSError) as exc:
+                problem = str(exc)
+        _all_fine(distributed, problem)
+        seconds = time.perf_counter() - started
+    finally:
+        if held is not None:
+            held.close()
+        if writer is not None:
+            writer.close()
     buf = ExpertBuffer.open(out, verify="none")
     accs = tuple(float(e["test_acc"][-1]) for e in (buf.stats(i) for i in range(buf.num_experts)) if e.get("test_acc"))
-    return BuildSummary(buf, tuple(todo), skipped, seconds if todo else 0.0, accs)
+    return BuildSummary(
+        buf,
+        plan.todo,
+        plan.skipped,
+        seconds if plan.todo else 0.0,
+        accs,
+        world_size=distributed.world_size,
+        trained_here=mine,
+    )
 
 
-def _entry(expert: TrainedExpert, trainer: ExpertTrainer) -> dict[str, Any]:
-    return {
+@dataclass(frozen=True)
+class _Plan:
+    """What rank 0 found in the buffer, sent to every rank."""
+
+    todo: tuple[int, ...]  # experts to train, in order
+    skipped: tuple[int, ...]  # experts already stored
+    probe: tuple[str, str] | None  # (file name, content) that every rank must read in the directory
+    error: str | None = None  # why rank 0 cannot build this buffer
+
+
+def _all_fine(ranks: Distributed, problem: str | None) -> None:
+    """Every rank's ``problem`` (None: fine); if any rank has one, raise on every rank: the error itself
+    (:class:`ExpertBufferError`) on rank 0, which says it, :class:`OtherRankFailed` on the others."""
+    problems = ranks.all_gather_object(problem)
+    bad = [(rank, p) for rank, p in enumerate(problems) if p is not None]
+    if not bad:
+        return
+    message = "; ".join(p if len(problems) == 1 else f"rank {rank}: {p}" for rank, p in bad)
+    raise ExpertBufferError(message) if ranks.is_main else OtherRankFailed(message)
+
+
+def _open(
+    ranks: Distributed,
+    root: Path,
+    header: dict[str, Any],
+    num_experts: int,
+    verify: bool,
+    versions: dict[str, str],
+) -> tuple[BufferWriter | None, _Plan]:
+    """Rank 0 opens the buffer (the lock, the manifest, what is done) and tells every rank the plan."""
+    if not ranks.is_main:
+        plan: _Plan = ranks.broadcast_object(None)
+        if plan.error is not None:
+            raise OtherRankFailed(f"rank 0: {plan.error}")
+        return None, plan
+    writer: BufferWriter | None = None
+    try:
+        writer = BufferWriter(root, header)
+        _ranks_lock(root, shared=False)
+        done = writer.finished(verify=verify)
+        todo = tuple(i for i in range(num_experts) if i not in done)
+        if todo:
+            writer.set(
+                requested_experts=max(num_experts, int(writer.manifest.get("requested_experts") or 0)),
+                versions=versions,
+            )
+        plan = _Plan(
+            todo, tuple(sorted(i for i in done if i < num_experts)), _write_probe(root) if ranks.active else None
+        )
+    except Exception as exc:
+        if writer is not None:
+            writer.close()
+        ranks.broadcast_object(_Plan((), (), None, str(exc)))  # the others stop too, saying nothing more
+        raise
+    return writer, ranks.broadcast_object(plan)
+
+
+def _train(
+    ranks: Distributed,
+    writer: BufferWriter | None,
+    root: Path,
+    header: dict[str, Any],
+    dataset: ImageDataset,
+    spec: ConvNetSpec,
+    config: ExpertConfig,
+    device: torch.device,
+    backend: Backend,
+    per: int,
+    plan: _Plan,
+    mine: tuple[int, ...],
+    progress: bool,
+) -> dict[int, dict[str, Any]]:
+    """Train this rank's share ``mine`` of ``plan.todo``, writing each expert's file as soon as its group
+    is done (rank 0 also lists it in the manifest at once); returns the other ranks' manifest entries.
+
+    Where the trajectories go: each rank writes its own experts' files into the directory, rather than
+    sending them to rank 0 to write. The paper's buffer is 100 experts x 51 checkpoints x 320k floats,
+    6.5 GB: through rank 0 that would be 65 MB per expert over the network (and into rank 0's memory)
+    and every write serialised on one disk, for nothing a shared directory does not give; the price is
+    that the directory must be one that every rank sees (a single machine, or a shared filesystem across
+    machines), which :func:`_check_probe` proves before any training, and rank 0 checks every reported
+    file's size and sha256 before listing it.
+    """
+    if not plan.todo:
+        return {}
+    trainer = ExpertTrainer(dataset, spec, config, device=device, backend=backend)
+    # "auto" resolves per machine (a missing C++ extension falls back to PyTorch's ops); the backend is in
+    # every expert's file, so mixing them would make a buffer that no single process would.
+    ranks.agree("the fused block's backend (datm-fast info says why one is off)", trainer.block_backend)
+    files = ExpertFiles(root, header)
+    bar = None
+    if progress and ranks.is_main:
+        experts = len(plan.todo) + len(plan.skipped)  # the number asked for
+        bar = _Progress(len(plan.todo), config.epochs, experts, int(dataset.train_labels.shape[0]))
+    pulse = _Pulse(ranks, trainer.device, bar.others if bar is not None else None)
+
+    def on_epoch(report: EpochReport) -> None:
+        if bar is not None:
+            bar.epoch(report)
+        pulse.beat(len(report.experts))
+
+    reported: dict[int, dict[str, Any]] = {}
+    try:
+        for expert in trainer.train_iter(
+            mine, experts_per_batch=per, on_step=bar.step if bar is not None else None, on_epoch=on_epoch
+        ):
+            info, run_info = _entry(expert, trainer)
+            if writer is not None:
+                writer.add(expert.index, expert.trajectory, info, run_info=run_info)
+            else:
+                reported[expert.index] = manifest_entry(files.write(expert.index, expert.trajectory, info), run_info)
+        pulse.wait_for_all()
+    finally:
+        if bar is not None:
+            bar.close()
+    return reported
+
+
+class _Pulse:
+    """Ranks that have trained their share wait for the others one epoch at a time.
+
+    A rank that waited for the rest in one collective could wait for hours (on a CPU a CIFAR expert
+    takes over an hour, and the shares differ by a group on an uneven split), past the group's timeout
+    (:data:`datm_fast.distributed.DEFAULT_TIMEOUT_S`). So every rank that trains sums (working, expert
+    epochs done) with the others after each epoch, and a rank that is done keeps summing (0, 0) until
+    the sum says that none works: the longest wait is one epoch of one group. Rank 0's progress bar
+    counts the other ranks' epochs from the sums.
+    """
+
+    def __init__(self, ranks: Distributed, device: torch.device, on_others: Callable[[int], None] | None) -> None:
+        self._ranks = ranks
+        self._device = device  # NCCL sums CUDA tensors only
+        self._on_others = on_others
+
+    def _sum(self, working: int, expert_epochs: int) -> int:
+        if not self._ranks.active:
+            return 0
+        t = self._ranks.all_reduce_sum(torch.tensor([working, expert_epochs], dtype=torch.int64, device=self._device))
+        total_working, total_epochs = (int(v) for v in t.tolist())
+        if self._on_others is not None:
+            self._on_others(total_epochs - expert_epochs)
+        return total_working
+
+    def beat(self, expert_epochs: int) -> None:
+        """After each epoch of a group: ``expert_epochs`` (the group's size) more done here."""
+        self._sum(1, expert_epochs)
+
+    def wait_for_all(self) -> None:
+        """After this rank's share: wait until no rank trains."""
+        while self._sum(0, 0):
+            pass
+
+
+# ----- the buffer directory is shared by a job's ranks --------------------------------------------------------
+_PROBE_PREFIX = ".rank-probe-"
+_RANKS_LOCK = ".ranks.lock"
+
+
+def _write_probe(root: Path) -> tuple[str, str]:
+    """Rank 0 (holding the lock): a file with fresh random content that every other rank must read."""
+    for stale in root.glob(f"{_PROBE_PREFIX}*"):  # of a killed job
+        stale.unlink(missing_ok=True)
+    token = secrets.token_hex(16)
+    name = f"{_PROBE_PREFIX}{token[:12]}"
+    (root / name).write_text(token, encoding="utf-8")
+    return name, token
+
+
+def _check_probe(root: Path, probe: tuple[str, str] | None) -> None:
+    if probe is None:
+        return
+    name, token = probe
+    try:
+        seen: str | None = (root / name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        seen = None
+    if seen != token:
+        raise ExpertBufferError(
+            f"{root}: this rank does not see the file {name} that rank 0 just wrote there: every rank writes its "
+            "experts into the buffer directory, which must be one directory that every rank sees (one machine, "
+            "or a shared filesystem)"
+        )
+
+
+def _ranks_lock(root: Path, *, shared: bool) -> IO[str] | None:
+    """The lock that keeps a new job from starting while ranks of an earlier one still write here.
+
+    Rank 0 holds the directory's lock (:class:`BufferWriter`); the other ranks, which write expert files
+    but hold no such lock, hold ``.ranks.lock`` shared for as long as they may write (``shared=True``;
+    returns the open file: close it to release). If rank 0 is killed, its lock is freed at once, while
+    the others may live on for a moment (until torchrun stops them, or longer if the launcher died
+    too); rank 0 of the next job, holding the directory's lock, first takes this one exclusively and
+    releases it (``shared=False``), which fails while any of them lives. The OS frees flocks of a
+    killed process, so a dead job never blocks the next. Where ``flock`` is missing (Windows) nothing
+    is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = root / _RANKS_LOCK
+    if not shared and not path.exists():  # no job of several ranks ever wrote here
+        return None
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ExpertBufferError(
+            f"{root}: ranks of another job still write expert files here (they hold {path}); wait until they "
+            "have exited, or write to another directory"
+        ) from None
+    if shared:
+        return f
+    f.close()
+    return None
+
+
+def _entry(expert: TrainedExpert, trainer: ExpertTrainer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The expert's entry (in its file and the manifest) and what only this run knows (the manifest only).
+
+    The device is recorded by its type: the expert does not depend on which of a machine's GPUs trained it
+    (rank r trains on cuda:r), and the file should not either.
+    """
+    info = {
         "seed": expert.seed,
         "train_loss": list(expert.train_loss),
         "train_acc": list(expert.train_acc),
         "test_loss": list(expert.test_loss),
         "test_acc": list(expert.test_acc),
-        "seconds": round(expert.seconds, 3),
-        "device": str(trainer.device),
+        "device": trainer.device.type,
         "block_backend": trainer.block_backend,
     }
+    return info, {"seconds": round(expert.seconds, 3)}
 
 
 def _versions() -> dict[str, str]:
@@ -175,6 +470,11 @@ class _Progress:
         acc = 100 * sum(report.test_acc) / len(report.test_acc)
         nxt = f"epoch {report.epoch + 1}/{report.epochs}, " if report.epoch < report.epochs else ""
         self._bar.set_postfix_str(f"{nxt}test acc {acc:.1f}% after epoch {report.epoch}")
+
+    def others(self, expert_epochs: int) -> None:
+        """Expert-epochs that other ranks finished."""
+        if expert_epochs:
+            self._bar.update(expert_epochs)
 
     def close(self) -> None:
         self._bar.close()

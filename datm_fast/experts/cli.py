@@ -8,6 +8,9 @@ Register with :func:`add_parser` on the ``datm-fast`` subparsers. Usage::
     datm-fast buffer info DIR [--verify]
 
 Training resumes: the same command again skips finished experts and retrains an interrupted group.
+On several processes (one per GPU, or CPU ranks): ``torchrun --nproc-per-node N -m datm_fast.cli buffer ...``
+trains expert k on rank k mod N and makes the same buffer, file for file (see
+:func:`datm_fast.experts.build_buffer`).
 ``python -m datm_fast.experts buffer ...`` runs the same command without the ``datm-fast`` entry point.
 """
 
@@ -66,6 +69,8 @@ def add_parser(subparsers: Any) -> None:
     returns an exit status; bad input raises ``ValueError`` (including ``ExpertBufferError`` and
     ``DatasetError``) with a message naming it.
     """
+    from ..distributed import add_timeout_flag
+
     p = subparsers.add_parser(
         "buffer",
         help="train expert trajectories into a buffer (resumable); also: buffer convert, buffer info",
@@ -92,6 +97,7 @@ def add_parser(subparsers: Any) -> None:
         "--experts-per-batch", type=int, default=None, help="experts trained at once (default: 1 CPU, 8 GPU)"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    add_timeout_flag(p)
     p.add_argument("--max-train-images", type=int, default=None, help="train on a random subset (quick runs)")
     p.add_argument("--max-test-images", type=int, default=None, help="test on a random subset (quick runs)")
     p.add_argument(
@@ -127,10 +133,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def _cmd_buffer(args: argparse.Namespace) -> int:
-    from ..augment import DSAConfig
-    from ..models import convnet_spec_from_name, default_convnet_name
-    from ..utils import check_writable
-    from .config import ExpertConfig
+    """Train a buffer: in this process, or as one rank of ``torchrun --nproc-per-node N -m datm_fast.cli buffer``
+    (each rank trains its share of the experts on its own device; rank 0 alone writes the manifest and
+    prints the summary, the others one line each on stderr)."""
+    from ..distributed import from_environment
     from .train import resolve_device
 
     parser: argparse.ArgumentParser = args._buffer_parser
@@ -141,8 +147,37 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         raise ValueError(f"--experts must be >= 1, got {args.experts}")
     if args.experts_per_batch is not None and args.experts_per_batch < 1:
         raise ValueError(f"--experts-per-batch must be >= 1, got {args.experts_per_batch}")
+    device = _rank_device(resolve_device(args.device), args.device)
+    with from_environment("cuda" if device.type == "cuda" else "cpu", timeout_s=args.dist_timeout) as ranks:
+        return _train_buffer(args, ranks, device)
+
+
+def _rank_device(device: Any, asked: str) -> Any:
+    """Under torchrun a CUDA rank trains on ``cuda:LOCAL_RANK`` (one GPU per rank, as torchrun means it)."""
+    import os
+
+    import torch
+
+    from ..distributed import launched_by_torchrun
+
+    if device.type != "cuda" or not launched_by_torchrun():
+        return device
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.index not in (None, local):
+        raise ValueError(
+            f"--device {asked}: under torchrun each rank trains on cuda:LOCAL_RANK (this one on cuda:{local}); "
+            "pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    return torch.device("cuda", local)
+
+
+def _train_buffer(args: argparse.Namespace, ranks: Any, device: Any) -> int:
+    from ..augment import DSAConfig
+    from ..models import convnet_spec_from_name, default_convnet_name
+    from ..utils import check_writable
+    from .config import ExpertConfig
+
     check_writable(args.out)  # a read-only place: one line now, before the data are loaded
-    device = resolve_device(args.device)
     if device.type == "cpu":
         # Reuse freed activation memory instead of page-faulting 100+ MB back in every step: 1.3x per
         # CPU training step (2.70 -> 2.02 s per 1,000 GSAM images, benchmarks/RESULTS.md). Process-wide,
@@ -165,6 +200,8 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     data_spec = _data_spec(args, subsets=True)
+    # Every rank loads the data itself (the cache's files are written atomically, so ranks filling it at
+    # once is safe); the ranks then agree on its fingerprint before any training.
     ds, _ = data_spec.load(cache_dir=args.cache_dir)
     model = args.model or default_convnet_name(ds.image_size)
     spec = convnet_spec_from_name(model, ds.channels, ds.num_classes, ds.image_size)
@@ -173,26 +210,41 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         if config.optimizer == "sgd"
         else (f"gsam(rho={config.rho}, alpha={config.alpha}{', adaptive' if config.adaptive else ''})")
     )
-    print(
-        f"{ds.name} ({ds.preprocessing}): {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
-        f"prepared in {time.perf_counter() - t0:.1f} s",
-        file=sys.stderr,
-    )
-    print(
-        f"{args.experts} x {model} ({spec.num_params} params), {config.epochs} epochs, batch {config.batch_size}, "
-        f"{opt}, lr {config.lr}, DSA {'off' if config.dsa is None else config.dsa.strategy}, seed {config.seed}, "
-        f"device {device} -> {args.out}",
-        file=sys.stderr,
-    )
+    if ranks.is_main:
+        print(
+            f"{ds.name} ({ds.preprocessing}): {len(ds.train_labels)} train / {len(ds.test_labels)} test images, "
+            f"prepared in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
+        on = f", {ranks.world_size} ranks" if ranks.active else ""
+        print(
+            f"{args.experts} x {model} ({spec.num_params} params), {config.epochs} epochs, batch "
+            f"{config.batch_size}, {opt}, lr {config.lr}, DSA {'off' if config.dsa is None else config.dsa.strategy}, "
+            f"seed {config.seed}, device {device}{on} -> {args.out}",
+            file=sys.stderr,
+        )
     try:
-        summary = _build(args, ds, spec, config, model, device, data_spec)
+        summary = _build(args, ds, spec, config, model, device, data_spec, ranks)
     except FloatingPointError as e:  # a diverged expert: report it like any other bad input
         raise RuntimeError(str(e)) from None
-    print(summary.line())
+    if ranks.is_main:
+        print(summary.line())
+    else:
+        mine = summary.trained_here or ()
+        print(f"{ranks}: trained {len(mine)} expert(s) {list(mine)} on {device}", file=sys.stderr)
     return 0
 
 
-def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str, device: Any, data_spec: Any) -> Any:
+def _build(
+    args: argparse.Namespace,
+    ds: Any,
+    spec: Any,
+    config: Any,
+    model: str,
+    device: Any,
+    data_spec: Any,
+    ranks: Any,
+) -> Any:
     from .build import build_buffer
 
     return build_buffer(
@@ -208,6 +260,7 @@ def _build(args: argparse.Namespace, ds: Any, spec: Any, config: Any, model: str
         backend=args.backend,
         progress=not args.no_progress,
         verify_existing=not args.no_verify,
+        distributed=ranks,
     )
 
 
