@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -499,12 +500,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _said_elsewhere(exc: BaseException) -> bool:
     """Whether another rank of this torchrun job reports ``exc`` (see :func:`main`)."""
-    import os
-
     from .distributed import OtherRankFailed, RanksDisagree
 
     return isinstance(exc, OtherRankFailed) or (isinstance(exc, RanksDisagree) and os.environ.get("RANK", "0") != "0")
 
 
+def console() -> None:
+    """The ``datm-fast`` command (and ``python -m datm_fast.cli``): :func:`main`, then exit with its status.
+
+    A rank of a torchrun job of several ranks ends with ``os._exit`` once its output is flushed, skipping
+    the interpreter's finalisation: there, gloo's worker threads may still be freeing the last
+    collective's work, whose tensors need the GIL, and the interpreter aborts the process ("terminate
+    called without an active exception", SIGABRT in ProcessGroupGloo::runLoop under
+    ``~AsyncBarrierWork``, seen with gdb; 3 of 30 finished 2-rank distill runs on the 2-core CPU,
+    torch 2.13, 2026-12-05, after the process group had been destroyed). Every file is written and
+    closed by then; torchrun would report such a rank as failed.
+    """
+    code = main()
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of several
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

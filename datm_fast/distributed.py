@@ -124,6 +124,17 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_sum_each(self, tensors: Sequence[Tensor]) -> None:
+        """Sum each of ``tensors`` over the ranks, in place, in one all-reduce of them flattened into one
+        buffer (one message instead of one per tensor; they must share a dtype and device)."""
+        if not self.active or not tensors:
+            return
+        flat = self.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
     def barrier(self) -> None:
         """Wait until every rank is here."""
         if self.active:

@@ -48,6 +48,7 @@ class QuickstartConfig:
     expert_batch: int = _option(64, "experts' batch size")
     iterations: int = _option(100, "distillation iterations per IPC")
     syn_steps: int = _option(20, "unrolled student steps per iteration")
+    segments: int = _option(1, "expert segments matched per iteration (1: DATM; more: a change of algorithm)")
     lr_img: float = _option(100.0, "SGD lr of the synthetic images (normalised pixel space)")
     eval_runs: int = _option(3, "networks trained on each set and baseline")
     eval_epochs: int = _option(300, "their epochs")
@@ -80,6 +81,7 @@ def distill_config_for(
             model=config.model,
             ipc=ipc,
             syn_steps=config.syn_steps,
+            segments=config.segments,
             expert_epochs=expert_epochs,
             min_start_epoch=min_start,
             max_start_epoch=max_start,

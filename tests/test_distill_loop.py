@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import warnings
 
@@ -18,6 +19,7 @@ from datm_fast.distill.loop import (
     derived_seed,
     distill,
     expert_for_iteration,
+    initialize_synthetic_set,
 )
 from datm_fast.distill.rundir import RunDir, RunDirError
 from datm_fast.distill.step_graphs import StaticStep
@@ -341,3 +343,41 @@ def test_static_steps_give_the_same_run(monkeypatch):
     assert len(calls) >= 4 * config.syn_steps  # every roll-out and reverse micro-step ran as a static step
     assert torch.equal(static.images, eager.images) and torch.equal(static.labels, eager.labels)
     assert static.lr == eager.lr
+
+
+def test_several_segments_average_their_losses_and_gradients(tmp_path, monkeypatch):
+    """segments=2 (datm_fast's change of algorithm): the loss is the mean of the two segments' losses and the
+    first update moves the images by lr_img times the mean of their gradients (SGD's first momentum step
+    is the gradient); segment 0 is the one segments=1 matches, segment 1 the next expert of the order."""
+    loop_module = importlib.import_module("datm_fast.distill.loop")
+    data = _toy_data()
+    experts = _random_trajectories(data, "ConvNetW32", experts=3)
+    real = loop_module.trajectory_matching_loss
+    seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+    def spy(spec, start, target, images, labels, lr, **options):
+        x = images.detach().clone().requires_grad_()
+        loss = real(spec, start, target, x, labels.detach(), lr.detach(), **options)
+        seen.append((float(loss.detach()), torch.autograd.grad(loss, x)[0], start))
+        return real(spec, start, target, images, labels, lr, **options)
+
+    monkeypatch.setattr(loop_module, "trajectory_matching_loss", spy)
+    config = load_config(BASE, segments=2)
+    result = distill(data, experts, config, run_dir=tmp_path / "two", max_iterations=1, progress=False)
+    row = result.history[0]
+    assert len(seen) == 2 and not row["skipped"]
+    assert row["loss"] == pytest.approx((seen[0][0] + seen[1][0]) / 2, rel=1e-6)
+    order = [expert_for_iteration(config.run.seed, k, 3) for k in (0, 1)]
+    assert [e for e, _ in row["segments"]] == order and row["expert"] == order[0]
+    for (expert, epoch), (_, _, start) in zip(row["segments"], seen):
+        assert torch.equal(start, experts.params(expert, epoch))
+    spec = convnet_spec_from_name("ConvNetW32", data.channels, data.num_classes, data.image_size)
+    before = initialize_synthetic_set(data, experts, config, spec, device=torch.device("cpu"))[0]
+    after = RunDir(tmp_path / "two").load_checkpoint()["images"]
+    moved = -config.learning.lr_img * (seen[0][1] + seen[1][1]) / 2
+    torch.testing.assert_close(after - before, moved, rtol=1e-4, atol=1e-6)
+
+    seen.clear()
+    single = distill(data, experts, load_config(BASE), max_iterations=1, progress=False).history[0]
+    assert len(seen) == 1 and "segments" not in single
+    assert (single["expert"], single["start_epoch"]) == tuple(row["segments"][0]) and single["loss"] == seen[0][0]

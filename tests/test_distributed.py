@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from torchrun import rank_rows, torchrun
+from torchrun import LEAVE, rank_rows, torchrun
 
 from datm_fast.distributed import SINGLE, Distributed, RanksDisagree, from_environment, launched_by_torchrun
 
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
 
 def test_two_ranks_sum_gather_broadcast_and_refuse_disagreeing_inputs(tmp_path):
     script = tmp_path / "collectives.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + LEAVE)
     done = torchrun(2, script, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = rank_rows(tmp_path, 2)

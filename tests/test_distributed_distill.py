@@ -10,6 +10,7 @@ import importlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrun import rank_rows, torchrun, torchrun_command
+from torchrun import LEAVE, rank_rows, torchrun, torchrun_command
 
 from datm_fast.augment import DSAConfig
 from datm_fast.cli import main
@@ -143,7 +144,7 @@ def test_one_rank_calls_no_collective_and_full_is_refused_on_several(monkeypatch
 def distributed_gradients(tmp_path_factory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("gradients")
     script = out / "gradients.py"
-    script.write_text(GRADIENTS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    script.write_text(GRADIENTS_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)) + LEAVE)
     done = torchrun(2, script, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)}
@@ -261,6 +262,28 @@ def test_two_ranks_distil_the_set_of_one_rank_and_rank_0_alone_writes(digits, tm
     assert sum(line.startswith("distilling digits") and "on 2 ranks" in line for line in stdout) == 1, stdout
 
 
+def test_two_ranks_deal_out_the_segments_of_one_rank(digits, tmp_path, monkeypatch):
+    """segments=2 on 2 ranks: each rank matches its own segment and one all-reduce sums their gradients: the
+    set of one rank matching both, bit for bit (the same sums: g0 / 2 + g1 / 2 either way)."""
+    monkeypatch.setattr("datm_fast.utils.retain_freed_memory", lambda: False)  # this process is pytest's
+    monkeypatch.setenv("DATM_FAST_CACHE", str(digits["cache"]))
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        assert main([*_distill_args(digits, one), "--quiet", "--no-eval", "--set", "segments=2"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    args = [*_distill_args(digits, two), "--quiet", "--no-eval", "--set", "segments=2"]
+    done = torchrun(2, "-m", "datm_fast.cli", *args, env=_env(digits))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for tag in ("1", "5"):
+        for a, b in zip(RunDir(one).set_files(tag), RunDir(two).set_files(tag)):
+            assert torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True)), (tag, a.name)
+    rows = _computed(two)
+    assert rows == _computed(one) and all(len(r["segments"]) == 2 for r in rows if "loss" in r)
+
+
 def _children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -318,6 +341,7 @@ def test_kill_9_of_rank_1_fails_the_job_then_resume_on_2_ranks_equals_uninterrup
             job.kill()
             job.wait()
     assert job.returncode != 0 and took < 60, (job.returncode, took)
+    print(f"rank 0 failed {took:.2f} s after rank 1 was killed")
     # Rank 0 says why in one line: its collective failed (lost the other ranks), or torchrun stopped it first.
     errors = [line for line in stderr.read_text().splitlines() if line.startswith("datm-fast distill: error: ")]
     assert len(errors) == 1 and "rank 0 of 2" in errors[0], stderr.read_text()[-3000:]
@@ -330,6 +354,30 @@ def test_kill_9_of_rank_1_fails_the_job_then_resume_on_2_ranks_equals_uninterrup
         for a, b in zip(RunDir(out).set_files(tag), RunDir(digits["run"]).set_files(tag)):
             assert torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True)), (tag, a.name)
     assert _computed(out) == _computed(digits["run"])  # each iteration once, the same numbers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_by_c10d_rendezvous_distil_the_set_of_one_machine(digits, tmp_path):
+    """README's multi-node command, as two "machines" of one rank each on this one (two torchrun agents
+    meeting at a c10d rendezvous): the same set, bit for bit, as one torchrun of 2 ranks."""
+    out = tmp_path / "run"
+    launch = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d"]
+    launch += ["--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "--rdzv-id", "two-machines"]
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, "-m", "datm_fast.cli"]
+    command += [*_distill_args(digits, out), "--quiet"]
+    env = {**os.environ, **_env(digits), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
+    machines = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    machines.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [m.communicate(timeout=300) for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], [err[-3000:] for _, err in outputs]
+    for tag in ("best", "5"):
+        for a, b in zip(RunDir(out).set_files(tag), RunDir(digits["run"]).set_files(tag)):
+            assert torch.equal(torch.load(a, weights_only=True), torch.load(b, weights_only=True)), (tag, a.name)
 
 
 # ----- inputs the ranks disagree on ----------------------------------------------------------------------------
@@ -384,6 +432,7 @@ def test_ranks_given_different_inputs_are_refused_on_every_rank_and_rank_0_evalu
             buffer=str(digits["buffer"]),
             out=str(tmp_path),
         )
+        + LEAVE
     )
     done = torchrun(2, script, env=_env(digits))
     assert done.returncode == 0, done.stderr[-3000:]

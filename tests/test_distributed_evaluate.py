@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from torchrun import torchrun
+from torchrun import LEAVE, torchrun
 
 from datm_fast.data import ImageDataset
 from datm_fast.distributed import SINGLE, Distributed
@@ -170,7 +170,7 @@ def test_eval_on_two_ranks_equals_one_process_and_rank0_alone_writes(tmp_path):
     torch.save(torch.tensor(0.01), work / "set" / "lr_best.pt")
     (work / "a-file").write_text("in the way of a directory")
     script = work / "eval_ranks.py"
-    script.write_text(SCRIPT)
+    script.write_text(SCRIPT + LEAVE)
     env = {"DATM_FAST_CACHE": str(work / "cache"), "OMP_NUM_THREADS": "1"}
 
     one = subprocess.run(

@@ -44,3 +44,9 @@ def rank_rows(directory: Path, nproc: int) -> list[dict]:
     """The rows ``row<rank>.json`` each rank wrote into ``directory``, in rank order. Files, not stdout: the
     ranks share torchrun's stdout, where two ranks' lines were seen joined into one (2026-12-04)."""
     return [json.loads((directory / f"row{rank}.json").read_text()) for rank in range(nproc)]
+
+
+# The last line of a script that torchrun runs on several ranks: leave without the interpreter's finalisation,
+# where gloo's worker threads may still free the last collective's tensors and abort the process (see
+# datm_fast.cli.console, which does the same for the command). Reached only when the script succeeded.
+LEAVE = "\nimport os as _os, sys as _sys\n_sys.stdout.flush()\n_sys.stderr.flush()\n_os._exit(0)\n"

@@ -191,6 +191,12 @@ class MatchingSection(Section):
     max_experts: int | None = setting(
         None, check=at_least(1), help="match only the first max_experts experts of each file; null = all"
     )
+    segments: int = setting(
+        1,
+        check=at_least(1),
+        help="expert segments matched per iteration, their losses averaged: 1 as DATM; more is datm_fast's change "
+        "of algorithm (several ranks each match their own segments)",
+    )
 
     def relations(self) -> list[str]:
         p: list[str] = []

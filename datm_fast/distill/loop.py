@@ -16,6 +16,10 @@ One iteration ``it``:
 4. if ``loss <= threshold``, one SGD step each on the images (lr_img, momentum 0.5), the learned lr
    (lr_lr, momentum 0.5) and the label logits (lr_y, momentum_y); otherwise skip all three.
 
+With ``segments`` K > 1 (``config.matching.segments``; datm_fast's change of algorithm, off by
+default) step 3 matches K segments (consecutive experts of the shuffled order, start epochs drawn
+each) and the loss and gradients are the mean of theirs.
+
 On several ranks (``distill(..., distributed=)``, one process per device under torchrun) every rank
 runs this loop on the same state and shares each unroll's work (the exact and tesla engines,
 :func:`~datm_fast.distill.unroll.trajectory_matching_loss`): the all-reduces hand every rank the same
@@ -438,30 +442,49 @@ class _Problem:
     distributed: Distributed = SINGLE  # the ranks that share each unroll's work
 
 
-def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
-    """Iteration ``it``: match one expert segment, update the set when the loss allows; the metrics row."""
-    config, device = problem.config, problem.device
-    seed = config.run.seed
-    t0 = time.perf_counter()
-    expert = expert_for_iteration(seed, it, problem.experts.num_experts)
-    start_epoch = sample_start_epoch(config, it, _generator(seed, "start-epoch", it))
-    start = problem.experts.params(expert, start_epoch).to(device)
-    target = problem.experts.params(expert, start_epoch + config.matching.expert_epochs).to(device)
+@dataclass(frozen=True)
+class _Segment:
+    """One expert segment matched at an iteration: the expert, its start epoch, and the keys that seed its
+    draws (``(it,)`` for the first segment: with ``segments=1`` every draw is DATM's single segment's)."""
+
+    expert: int
+    start_epoch: int
+    keys: tuple[int, ...]
+
+
+def _segments(config: DistillConfig, it: int, num_experts: int) -> list[_Segment]:
+    """The ``config.matching.segments`` segments of iteration ``it``: consecutive experts of the shuffled
+    order (the k-th of iteration ``it`` is the one ``it * segments + k`` of :func:`expert_for_iteration`),
+    start epochs drawn each from their own generator."""
+    seed, count = config.run.seed, config.matching.segments
+    out = []
+    for k in range(count):
+        keys = (it,) if k == 0 else (it, k)
+        expert = expert_for_iteration(seed, it * count + k, num_experts)
+        out.append(_Segment(expert, sample_start_epoch(config, it, _generator(seed, "start-epoch", *keys)), keys))
+    return out
+
+
+def _segment_loss(problem: _Problem, state: _State, segment: _Segment, sharing: Distributed | None) -> Tensor:
+    """The matching loss of one segment (``sharing``: the ranks that share its unroll, or None: this rank)."""
+    config, device, seed = problem.config, problem.device, problem.config.run.seed
+    start = problem.experts.params(segment.expert, segment.start_epoch).to(device)
+    target = problem.experts.params(segment.expert, segment.start_epoch + config.matching.expert_epochs).to(device)
     # The plan is what trajectory_matching_loss would draw from these generators; drawn here to check that
-    # every rank has drawn the same (generators seeded alike: from the agreed seed and the iteration).
+    # every rank sharing the unroll has drawn the same (generators seeded alike: the agreed seed, the keys).
     plan = make_unroll_plan(
         state.images.shape[0],
         config.matching.syn_steps,
         problem.batch_syn,
         image_size=problem.spec.image_size,
         augment=problem.augment,
-        generator=_generator(seed, "unroll", it, device=device),
-        host_generator=_generator(seed, "unroll-host", it),
+        generator=_generator(seed, "unroll", *segment.keys, device=device),
+        host_generator=_generator(seed, "unroll-host", *segment.keys),
         device=state.images.device,
     )
-    if problem.distributed.active:
-        problem.distributed.agree(f"the unroll plan of iteration {it}", _plan_digest(plan))
-    loss = trajectory_matching_loss(
+    if sharing is not None and sharing.active:
+        sharing.agree(f"the unroll plan of iteration {segment.keys}", _plan_digest(plan))
+    return trajectory_matching_loss(
         problem.spec,
         start,
         target,
@@ -471,23 +494,48 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
         plan=plan,
         options=config.engine,
         step_graphs=problem.step_graphs,
-        distributed=problem.distributed,
+        distributed=sharing,
     )
+
+
+def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
+    """Iteration ``it``: match the iteration's expert segments, update the set when the loss allows; the
+    metrics row.
+
+    One segment (DATM): its loss and gradient, every rank sharing its unroll. Several: the mean of their
+    losses; on several ranks the segments are dealt out (rank r matches segments r, r + N, ...; each
+    unroll on its rank alone) and the gradients and losses summed in one all-reduce.
+    """
+    config, device, ranks = problem.config, problem.device, problem.distributed
+    t0 = time.perf_counter()
+    segments = _segments(config, it, problem.experts.num_experts)
+    dealt = len(segments) > 1 and ranks.active
+    mine = ranks.mine(range(len(segments))) if dealt else range(len(segments))
     optimisers = (state.opt_images, state.opt_lr, state.opt_labels)
     for opt in optimisers:
         opt.zero_grad(set_to_none=True)
-    loss_value = float(loss.detach())
-    finite = math.isfinite(loss_value)
-    if finite:
-        loss.backward()
-        finite = all(
-            p.grad is None or bool(torch.isfinite(p.grad).all()) for p in (state.images, state.labels, state.lr)
-        )
-    del loss
+    learned = (state.images, state.labels, state.lr)
+    total = 0.0  # of the losses: non-finite if any is
+    for k in mine:
+        loss = _segment_loss(problem, state, segments[k], None if dealt else ranks)
+        value = float(loss.detach())
+        total += value
+        if math.isfinite(value):  # else the update is skipped: no gradient needed
+            (loss if len(segments) == 1 else loss / len(segments)).backward()
+        del loss
+    if dealt:
+        for p in learned:  # a rank may have no segment, or only non-finite ones
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        ranks.all_reduce_sum_each([p.grad for p in learned])
+        total = float(ranks.all_reduce_sum(torch.tensor([total], dtype=torch.float64, device=device)))
+    loss_value = total / len(segments)
+    finite = math.isfinite(loss_value) and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in learned)
     if not finite:
+        where = ", ".join(f"expert {s.expert}, start epoch {s.start_epoch}" for s in segments)
         warnings.warn(
-            f"distill: iteration {it}: non-finite loss or gradient (loss {loss_value}, expert {expert}, "
-            f"start epoch {start_epoch}); update skipped, the set is unchanged",
+            f"distill: iteration {it}: non-finite loss or gradient (loss {loss_value}, {where}); update skipped, "
+            "the set is unchanged",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -501,16 +549,19 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
         state.opt_images.step()
         state.opt_lr.step()
         state.updates.applied += 1
-    return {
+    row = {
         "loss": loss_value,
-        "start_epoch": start_epoch,
-        "expert": expert,
+        "start_epoch": segments[0].start_epoch,
+        "expert": segments[0].expert,
         "lr": float(state.lr.detach()),
         "skipped": skipped,
         "nonfinite": not finite,
         "seconds": time.perf_counter() - t0,
         "peak_memory_gb": _peak_memory_gb(device),
     }
+    if len(segments) > 1:
+        row["segments"] = [[s.expert, s.start_epoch] for s in segments]
+    return row
 
 
 def _plan_digest(plan: UnrollPlan) -> str:

@@ -831,19 +831,8 @@ class _CheckpointedUnroll(torch.autograd.Function):
         grads = (grad_images, grad_labels, grad_lr)
         needs = (need_x, need_y, need_lr)
         if distributed is not None:
-            _sum_over_ranks(distributed, [g for g, need in zip(grads, needs) if need])
+            distributed.all_reduce_sum_each([g for g, need in zip(grads, needs) if need])
         return (*(g if need else None for g, need in zip(grads, needs)), *[None] * 8)
-
-
-def _sum_over_ranks(distributed: Distributed, tensors: list[Tensor]) -> None:
-    """Sum ``tensors`` over the ranks in place, in one all-reduce of them flattened into one buffer."""
-    if not tensors:
-        return
-    flat = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors]))
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset : offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 def trajectory_matching_loss(
