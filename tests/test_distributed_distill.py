@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import BUFFER_ARGS, TINY_YAML
 from torchrun import LEAVE, rank_rows, torchrun, torchrun_command
 
 from datm_fast.augment import DSAConfig
@@ -169,31 +170,6 @@ def test_two_ranks_compute_the_gradient_of_one_process(distributed_gradients, sh
 
 
 # ----- the command ---------------------------------------------------------------------------------------------
-TINY_YAML = """\
-dataset: digits
-ipc: 1
-syn_steps: 5
-expert_epochs: 2
-min_start_epoch: 0
-current_max_start_epoch: 2
-max_start_epoch: 4
-iterations: 6
-eval_it: 3
-num_eval: 1
-epoch_eval_train: 20
-lr_img: 100
-lr_teacher: 0.01
-lr_lr: 1.0e-05
-lr_y: 2.0
-threshold: 10
-zca: false
-pix_init: real
-checkpoint_every: 2
-device: cpu
-"""
-
-BUFFER_ARGS = ["--dataset", "digits", "--experts", "2", "--epochs", "6", "--optimizer", "sgd"]
-BUFFER_ARGS += ["--max-train-images", "400", "--max-test-images", "100", "--device", "cpu", "--no-progress"]
 
 
 def _distill_args(digits: dict[str, Path], out: Path, *extra: str) -> list[str]:
