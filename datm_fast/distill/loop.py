@@ -37,7 +37,6 @@ alone (a refused run directory, a full disk, an evaluation) is raised on every r
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import time
 import warnings
@@ -55,7 +54,7 @@ from ..augment import DSAConfig
 from ..data import DataSpec, ImageDataset, Transform
 from ..distributed import SINGLE, Distributed, on_every_rank, on_main
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
-from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device
+from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device, tensor_digest
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
 from .rundir import RunDir, RunRecord, SyntheticSet
@@ -566,32 +565,21 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
 
 def _plan_digest(plan: UnrollPlan) -> str:
     """A short digest of every draw of a plan: minibatch indices, DSA op groups and per-sample values."""
-    h = hashlib.blake2b(digest_size=12)
+    tensors = [step.indices for step in plan.steps]
     for step in plan.steps:
-        h.update(step.indices.cpu().numpy().tobytes())
         if step.augment is not None:
-            h.update(repr(step.augment.groups).encode())
-            for name, t in sorted(step.augment.tensors().items()):
-                h.update(name.encode())
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+            tensors += [t for _, t in sorted(step.augment.tensors().items())]
+    groups = [step.augment.groups for step in plan.steps if step.augment is not None]
+    return tensor_digest(*tensors, extra=repr(groups))
 
 
 # ----- what the ranks agree on -------------------------------------------------------------------------
-def _tensor_digest(*tensors: Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for t in tensors:
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _data_identity(data: ImageDataset) -> tuple[str, str]:
     """The dataset's name and fingerprint, or a hash of its train split where it has none (an
     in-memory dataset): what the ranks must agree on."""
     if data.fingerprint is not None:
         return data.name, data.fingerprint
-    return data.name, "train tensors " + _tensor_digest(data.train_images, data.train_labels)
+    return data.name, "train tensors " + tensor_digest(data.train_images, data.train_labels)
 
 
 def _experts_identity(experts: Trajectories) -> Any:
@@ -604,7 +592,7 @@ def _experts_identity(experts: Trajectories) -> Any:
         return manifest["identity"], tuple((i, files.get(str(i), {}).get("sha256")) for i in ids)
     n, epochs = experts.num_experts, experts.num_epochs
     rows = [experts.params(e, epoch) for e in sorted({0, n - 1}) for epoch in (0, epochs)]
-    return n, epochs, _tensor_digest(*rows)
+    return n, epochs, tensor_digest(*rows)
 
 
 # ----- the loop ----------------------------------------------------------------------------------------

@@ -110,20 +110,6 @@ def _split_files(paths: list[Path]) -> tuple[Path, Path, Path | None]:
     return found["images"], found["labels"], found.get("lr")
 
 
-def _digest(*tensors: Any) -> str:
-    """sha256 of the tensors' dtypes, shapes and bytes (first 16 hex digits: enough to tell sets apart)."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for t in tensors:
-        flat = t.detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{flat.dtype}{tuple(t.shape)};".encode())
-        h.update(flat.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _dataset_summary(dataset: Any) -> dict[str, Any]:
     """What the ranks must share about the loaded data: sizes, classes and the exact test labels.
 
@@ -131,13 +117,15 @@ def _dataset_summary(dataset: Any) -> dict[str, Any]:
     metadata (in the fingerprint of large trees) and a ZCA fitted there other last bits, and neither
     is a different test.
     """
+    from ..utils import tensor_digest
+
     return {
         "name": dataset.name,
         "preprocessing": dataset.preprocessing,
         "classes": dataset.num_classes,
         "train": tuple(dataset.train_images.shape),
         "test": tuple(dataset.test_images.shape),
-        "test labels": _digest(dataset.test_labels),
+        "test labels": tensor_digest(dataset.test_labels),
     }
 
 
@@ -179,7 +167,7 @@ def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distr
     from ..augment import DSAConfig
     from ..data import DataSpec
     from ..distill.rundir import RunDir, load_synset
-    from ..utils import retain_freed_memory
+    from ..utils import retain_freed_memory, tensor_digest
     from .baselines import BASELINE_LR, random_real_baseline
     from .baselines import whole_dataset_baseline as whole_baseline
     from .config import EvalConfig, resolve_models
@@ -279,7 +267,7 @@ def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distr
         if lr is None:
             raise ValueError(f"{source}: no lr file; pass --lr")
         _check_writable_on_rank0(distributed, Path(out).parent)  # a read-only place fails now, not after training
-        agree_on_inputs(data, models, lr, _digest(synset.images, synset.labels))
+        agree_on_inputs(data, models, lr, tensor_digest(synset.images, synset.labels))
         dataset, _ = data.load(root=args.data_root, cache_dir=args.cache_dir)
         _agree_on(distributed, "the dataset", _dataset_summary(dataset))
         results = evaluate_models(
