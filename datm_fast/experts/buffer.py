@@ -218,7 +218,7 @@ class ExpertFiles:
         self.root = Path(root)
         for key in ("model", "dataset", "config", "num_epochs", "num_params"):
             if key not in header:
-                raise ValueError(f"ExpertFiles: header needs {key!r}")
+                raise ValueError(f"expert buffer header needs {key!r}")
         base = {"format": FORMAT, "format_version": FORMAT_VERSION}
         self.header = {**base, **header}
         self.identity = _identity(self.header)
@@ -288,10 +288,7 @@ class BufferWriter:
 
     def __init__(self, root: PathLike, header: dict[str, Any]) -> None:
         self.root = Path(root)
-        for key in ("model", "dataset", "config", "num_epochs", "num_params"):
-            if key not in header:
-                raise ValueError(f"BufferWriter: header needs {key!r}")
-        self.files = ExpertFiles(self.root, header)
+        self.files = ExpertFiles(self.root, header)  # checks the header
         self.header = self.files.header
         self.identity = self.files.identity
         if self.root.exists() and not self.root.is_dir():
