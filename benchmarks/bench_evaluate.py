@@ -13,6 +13,7 @@ Providers:
     module               datm_fast's module engine (data and DSA on the device, no host syncs)
     functional           datm_fast's functional engine (stacked parameters, functional_call; vmap over runs)
     functional+compile   the same with ``EvalConfig(compile=True)``
+    ...+tf32, ...+bfloat16   any of ours in that precision (``EvalConfig.precision``; default float32: IEEE)
 
 Shared 2-core machines are noisy (the same epoch varies 4x with the host's load): every provider is
 timed in turn, several times, and the minimum is reported beside the median.
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from datm_fast.evaluate import EvalConfig
 from datm_fast.evaluate._engine import TrainSet, _stack, _train_stack, _train_test_module, make_run_rngs
 from datm_fast.models import get_network
+from datm_fast.precision import PRECISIONS
 from datm_fast.reference.upstream_unroll import DSA_STRATEGY, ParamDiffAug, diff_augment
 
 PROVIDERS = ("upstream", "module", "functional", "functional+compile")
@@ -89,7 +91,9 @@ def make_runner(provider: str, ipc: int, device: torch.device, passes: int, runs
             raise ValueError("the upstream loop trains one run at a time")
         return _upstream_runner(images, logits, batch, passes)
     data = TrainSet(images, F.softmax(logits, 1))
-    cfg = EvalConfig(runs=runs, epochs=passes - 1, batch_size=batch, compile=provider.endswith("+compile"))
+    options = provider.split("+")[1:]  # "functional+compile+tf32": torch.compile, TF32 (datm_fast.precision)
+    precision = next((o for o in options if o in PRECISIONS), "float32")
+    cfg = EvalConfig(runs=runs, epochs=passes - 1, batch_size=batch, compile="compile" in options, precision=precision)
     g = torch.Generator().manual_seed(1)
     tx, ty = images[:2], torch.zeros(2, dtype=torch.long, device=device)
 
@@ -180,6 +184,11 @@ def main() -> None:
         help="where every row is timed (default: cuda when available); on cuda also 5 runs at IPC 1000",
     )
     parser.add_argument("--no-ipc1000", action="store_true", help="skip the 5 x IPC 1000 rows on cuda")
+    parser.add_argument(
+        "--ipc1000-providers",
+        default="functional,functional+compile",
+        help="the providers of the 5 x IPC 1000 rows (ours only: upstream trains one run at a time)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here (after every row)")
     parser.add_argument("--retain-memory", action="store_true", help="datm_fast.utils.retain_freed_memory() first")
     args = parser.parse_args()
@@ -210,7 +219,7 @@ def main() -> None:
             keep({"ipc": ipc, "provider": p, "seconds_per_epoch": ts, "vs_upstream": base / min(ts)})
     if device.type == "cuda" and not args.no_ipc1000:
         print(f"# GPU {device_name(device)}: 5 runs at IPC 1000, batch 128, projected to 1001 passes")
-        for p in ("functional", "functional+compile"):
+        for p in args.ipc1000_providers.split(","):
             times = _time({p: make_runner(p, 1000, device, 3, runs=5, batch=128)}, {p: 3}, 2)
             print(f"| 1000 x5 | {p} | {min(times[p]):.3f} s/epoch | {1001 * min(times[p]):.0f} s projected |")
             keep({"ipc": 1000, "runs": 5, "provider": p, "seconds_per_epoch": times[p]})

@@ -47,6 +47,7 @@ from datm_fast.augment import DSAConfig, dsa
 from datm_fast.data import ImageDataset
 from datm_fast.experts import ExpertConfig, ExpertTrainer
 from datm_fast.models import ConvNet, ConvNetSpec
+from datm_fast.precision import PRECISIONS
 
 SPEC = ConvNetSpec(channels=3, num_classes=10, image_size=32)
 CIFAR_TRAIN = 50_000
@@ -126,7 +127,9 @@ def upstream_style_epoch(
 
 def make_runner(provider: str, ds: ImageDataset, optimizer: str, device: torch.device):
     """A zero-argument callable that trains one epoch (per expert) of ``provider``; returns experts per call."""
-    cfg = ExpertConfig(epochs=1, optimizer=optimizer)  # type: ignore[arg-type]
+    # A word naming a precision (datm_fast.precision) sets the experts' arithmetic: "datm_fast cuda tf32".
+    precision = next((w for w in provider.split() if w in PRECISIONS), "float32")
+    cfg = ExpertConfig(epochs=1, optimizer=optimizer, precision=precision)  # type: ignore[arg-type]
     if provider == "upstream-style":
         return (lambda: upstream_style_epoch(ds, optimizer, device)), 1
     backend = provider.split()[1]
@@ -142,7 +145,8 @@ def make_runner(provider: str, ds: ImageDataset, optimizer: str, device: torch.d
 
 
 PROVIDERS = ("upstream-style", "datm_fast torch", "datm_fast cpp", "datm_fast cpp K=2")
-#: Also understood by --providers: "datm_fast torch NCHW", "datm_fast cpp NCHW", "datm_fast cuda K=8", ...
+#: Also understood by --providers: "datm_fast torch NCHW", "datm_fast cpp NCHW", "datm_fast cuda K=8", and a
+#: precision word: "datm_fast cuda K=8 tf32", "datm_fast cuda bfloat16" (default float32: IEEE, TF32 off).
 
 
 def measure(providers: list[str], optimizer: str, device: torch.device, images: int, repeats: int) -> list[dict]:

@@ -18,10 +18,12 @@
 #   1  device       30    5  nvidia-smi, versions (5)                       the same, nvidia-smi if any (2)
 #   2  build       180   60  pip install -e ., sm_90 (36: measured there)   skipped: the checkout's install
 #   3  tests        90   30  pytest -k "cuda or gpu" tests/ (40)            the same; they skip (16)
-#   4  engines     150   30  datm-fast bench, CIFAR-10 IPC 1 and 10, six    IPC 1, 2 steps, 1 iteration (8)
-#                            engines, each its own process (about 120)
-#   5  experts      45   20  bench_experts.py, GSAM, 10,000 images (25)     128 images, one repeat (5)
-#   6  evaluate     75   20  bench_evaluate.py, torch.compile included (45) IPC 1, one repeat (5)
+#   4  engines     150   30  datm-fast bench, CIFAR-10 IPC 1 and 10, eight  IPC 1, 2 steps, 1 iteration (8)
+#                            engines, each its own process (about 150)
+#   5  experts      45   20  bench_experts.py, GSAM, 10,000 images, float32, 128 images, one repeat (5)
+#                            tf32 and bfloat16 (30)
+#   6  evaluate     75   20  bench_evaluate.py, 3 precisions, torch.compile IPC 1, one repeat (5)
+#                            included (60)
 #   7  reproduce   300  240  datm-fast reproduce --preset gpu-check (226)   --preset tiny --ipcs 1 (8-15)
 #   8  wheel       150   60  pip wheel (8.0;9.0) -> fresh venv -> info (65) pure-Python wheel, same (8)
 #
@@ -57,10 +59,12 @@ OUT=$(cd "$OUT" && pwd)  # absolute: some stages run from other folders
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-530}
 STAGES=${STAGES:-all}
-# Engines of `datm-fast bench`, ';'-separated: ours (exact by default and with its steps captured as CUDA
-# graphs, full, tesla) beside upstream's own inner loops re-stated (upstream-full, upstream-tesla), each
-# measured in this run.
-ENGINES=${ENGINES:-exact;exact:graphs=on;full;tesla;upstream-full;upstream-tesla}
+# Engines of `datm-fast bench`, ';'-separated: ours (exact by default, with its steps captured as CUDA
+# graphs, in TF32 and in bfloat16, full, tesla) beside upstream's own inner loops re-stated (upstream-full,
+# upstream-tesla), each measured in this run, in priority order: a stage cut at its cap loses the last rows.
+# Ours default to IEEE float32 (datm_fast.precision); upstream's run as upstream ran, under PyTorch's
+# defaults (TF32 in cuDNN's convolutions), so exact:precision=tf32 is the like-for-like row.
+ENGINES=${ENGINES:-exact;upstream-full;upstream-tesla;exact:precision=tf32;exact:graphs=on;exact:precision=bfloat16;full;tesla}
 # The paper's two smallest CIFAR-10 shapes fit the 9 minutes beside everything else (each (config, engine)
 # pair is its own process: about 10 s each); BENCH_CONFIGS=all times every paper shape (about 4 minutes).
 BENCH_CONFIGS=${BENCH_CONFIGS:-cifar10-ipc1,cifar10-ipc10}
@@ -391,7 +395,9 @@ stage_tests() {
 stage_engines() {
   local engines=$ENGINES
   if ((DRY)); then
-    tmo "$PY" -m datm_fast.cli bench --device cpu --steps-scale 0.02 --iterations 1 --warmup 0 \
+    # One process for every engine (--no-isolate): the isolation keeps GPU peaks apart, and on the CPU its
+    # eight interpreter starts were most of the stage.
+    tmo "$PY" -m datm_fast.cli bench --device cpu --steps-scale 0.02 --iterations 1 --warmup 0 --no-isolate \
       --configs cifar10-ipc1 --engines "$engines" --json "$OUT/bench-unroll.json"
   else
     tmo "$PY" -m datm_fast.cli bench --device cuda --configs "$BENCH_CONFIGS" --engines "$engines" \
@@ -400,8 +406,12 @@ stage_engines() {
 }
 
 stage_experts() {
-  local args=(--device cuda --images 10000 --repeats 3 --providers upstream-style "datm_fast cuda" "datm_fast cuda K=8")
-  if ((DRY)); then args=(--device cpu --images 128 --repeats 1 --providers upstream-style "datm_fast torch"); fi
+  # Timed round robin and printed at the end: a cut stage prints nothing, so four providers only.
+  local args=(--device cuda --images 10000 --repeats 3 --providers upstream-style "datm_fast cuda K=8"
+    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 bfloat16")
+  if ((DRY)); then
+    args=(--device cpu --images 128 --repeats 1 --providers upstream-style "datm_fast torch" "datm_fast torch bfloat16")
+  fi
   args+=(--optimizer gsam --markdown)
   tmo "$PY" benchmarks/bench_experts.py "${args[@]}"
   local rc=$?
@@ -413,8 +423,10 @@ stage_experts() {
 }
 
 stage_evaluate() {
-  local args=(--ipc 10 --providers "upstream,functional" --repeats 3)
-  if ((DRY)); then args=(--ipc 1 --providers "upstream,functional" --repeats 1); fi
+  # The 5 x IPC 1000 rows (GPU only) in priority order; each is written as soon as it is measured.
+  local args=(--ipc 10 --providers "upstream,functional,functional+tf32,functional+bfloat16" --repeats 3
+    --ipc1000-providers "functional+tf32,functional+bfloat16,functional+compile+tf32,functional")
+  if ((DRY)); then args=(--ipc 1 --providers "upstream,functional,functional+bfloat16" --repeats 1); fi
   # --device is being added to the script by another change: pass it only where this version has it.
   local help
   help=$(tmo "$PY" benchmarks/bench_evaluate.py --help 2>&1)

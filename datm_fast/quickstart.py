@@ -24,6 +24,7 @@ from .distill import DistillConfig, load_config
 from .evaluate import EvalConfig
 from .experts import ExpertConfig
 from .pipeline import IpcResult, prepare_experts, run_ipc
+from .precision import Precision
 from .utils import dataclass_arguments, dataclass_from_arguments, resolve_device
 
 __all__ = ["QuickstartConfig", "distill_config_for", "run_quickstart", "add_parser"]
@@ -49,6 +50,9 @@ class QuickstartConfig:
     iterations: int = _option(100, "distillation iterations per IPC")
     syn_steps: int = _option(20, "unrolled student steps per iteration")
     segments: int = _option(1, "expert segments matched per iteration (1: DATM; more: a change of algorithm)")
+    student_precision: Precision = _option(
+        "float32", "the distillation student's arithmetic (datm_fast.precision); experts and evaluation stay float32"
+    )
     lr_img: float = _option(100.0, "SGD lr of the synthetic images (normalised pixel space)")
     eval_runs: int = _option(3, "networks trained on each set and baseline")
     eval_epochs: int = _option(300, "their epochs")
@@ -82,6 +86,7 @@ def distill_config_for(
             ipc=ipc,
             syn_steps=config.syn_steps,
             segments=config.segments,
+            precision=config.student_precision,
             expert_epochs=expert_epochs,
             min_start_epoch=min_start,
             max_start_epoch=max_start,

@@ -273,11 +273,16 @@ def dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tup
             continue
         default = f.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        tp = hints[f.name]
+        # A Literal of strings is a choice among them (argparse names the bad value and the choices).
+        kind = (
+            {"choices": typing.get_args(tp)} if typing.get_origin(tp) is typing.Literal else {"type": _option_type(tp)}
+        )
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
-            type=_option_type(hints[f.name]),
             default=default,
             help=f"{f.metadata.get('help', '')} (default: {shown})",
+            **kind,
         )
 
 

@@ -81,15 +81,20 @@ def test_dry_run_runs_every_stage_into_at_most_8_files(tmp_path, session_cache_d
     tests = ET.parse(out / "tests.xml").getroot()
     assert any(True for _ in tests.iter("testcase")) and "0 failed" in stages["_session"]["results"]["tests"]
     bench = json.loads((out / "bench-unroll.json").read_text())
-    engines = ["exact", "exact:graphs=on", "full", "tesla", "upstream-full", "upstream-tesla"]
+    engines = ["exact", "upstream-full", "upstream-tesla", "exact:precision=tf32", "exact:graphs=on"]
+    engines += ["exact:precision=bfloat16", "full", "tesla"]
     assert [r["engine"] for r in bench["results"]] == engines  # the ENGINES default, split right
     assert all(r["mean_s"] > 0 and not r["error"] for r in bench["results"])
     experts = json.loads((out / "experts.json").read_text())
     assert experts["exit_code"] == 0
-    assert [r["provider"] for r in experts["rows"]] == ["upstream-style", "datm_fast torch"]
+    assert [r["provider"] for r in experts["rows"]] == ["upstream-style", "datm_fast torch", "datm_fast torch bfloat16"]
     assert all(r["s_per_cifar10_epoch"] > 0 for r in experts["rows"])
     evaluate = json.loads((out / "evaluate.json").read_text())
-    assert evaluate["exit_code"] == 0 and {r["provider"] for r in evaluate["rows"]} == {"upstream", "functional"}
+    assert evaluate["exit_code"] == 0 and {r["provider"] for r in evaluate["rows"]} == {
+        "upstream",
+        "functional",
+        "functional+bfloat16",
+    }
     wheel = stages["_session"]["wheel"]
     # The wheel was installed in a fresh venv and imported from there, beside the torch it was built with.
     assert wheel["from_venv"] and wheel["torch_matches_build"] and wheel["wheel"].endswith(".whl")

@@ -7,6 +7,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -131,15 +132,20 @@ def test_dataclass_options_round_trip():
         lr: float = 0.01
         root: str | None = None
         ipcs: tuple[int, ...] = (1, 10)
+        precision: Literal["float32", "bfloat16"] = "float32"
 
     parser = argparse.ArgumentParser()
     dataclass_arguments(parser, Budget)
     assert dataclass_from_arguments(Budget, parser.parse_args([])) == Budget()
     args = parser.parse_args(["--runs", "5", "--root", "/data", "--ipcs", "1,50", "--lr", "1e-3"])
     assert dataclass_from_arguments(Budget, args) == Budget(5, 1e-3, "/data", (1, 50))
+    args = parser.parse_args(["--precision", "bfloat16"])
+    assert dataclass_from_arguments(Budget, args).precision == "bfloat16"
     assert "networks per set (default: 3)" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args(["--ipcs", "1,ten"])
+    with pytest.raises(SystemExit):  # a Literal is a choice: argparse names the bad value and the choices
+        parser.parse_args(["--precision", "fp16"])
 
 
 def test_available_memory_is_what_the_kernel_says_on_linux_and_unknown_elsewhere():

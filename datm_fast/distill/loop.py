@@ -54,6 +54,7 @@ from ..augment import DSAConfig
 from ..data import DataSpec, ImageDataset, Transform
 from ..distributed import SINGLE, Distributed, on_every_rank, on_main
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
+from ..precision import precision_scope
 from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device, tensor_digest
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
@@ -520,7 +521,8 @@ def _match(problem: _Problem, state: _State, it: int) -> dict[str, Any]:
         value = float(loss.detach())
         total += value
         if math.isfinite(value):  # else the update is skipped: no gradient needed
-            (loss if len(segments) == 1 else loss / len(segments)).backward()
+            with precision_scope(config.engine.precision):  # the full engine's backward runs here
+                (loss if len(segments) == 1 else loss / len(segments)).backward()
         del loss
     if dealt:
         for p in learned:  # a rank may have no segment, or only non-finite ones

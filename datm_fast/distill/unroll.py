@@ -83,6 +83,7 @@ from ..backends import Backend
 from ..distributed import Distributed
 from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
 from ..ops import conv2d, matching_loss, soft_cross_entropy
+from ..precision import Precision, forward_autocast, precision_scope
 from .explicit_step import gradient, reverse_step
 from .settings import Section, above, at_least, setting
 from .step_graphs import StaticStep, StepGraphs
@@ -116,8 +117,8 @@ class EngineOptions(Section):
 
     Passed whole from the config to :func:`trajectory_matching_loss`: a new option is a field here and
     its use in the engine (the config key, its check, a ``datm-fast distill --flag`` and the report
-    follow from the field). Every option but ``unroll="tesla"`` leaves the gradient as it is, to float
-    rounding: they say how the work is done (``placement``), not what is computed.
+    follow from the field). Every option but ``unroll="tesla"`` and ``precision`` leaves the gradient as
+    it is, to float rounding: they say how the work is done (``placement``), not what is computed.
     """
 
     unroll: Unroll = setting(
@@ -152,6 +153,15 @@ class EngineOptions(Section):
         "off",
         help="on: run each written-out inner step (exact, tesla) on static buffers and, on a GPU, capture it once "
         "per run as a CUDA graph and replay it; off: launch every kernel (not yet measured on a GPU: off)",
+    )
+    # Not a placement: bfloat16 changes the gradient by far more than rounding (tests/test_precision.py
+    # measures it against float64), so a run does not resume under another precision.
+    precision: Precision = setting(
+        "float32",
+        own=True,
+        flag=True,
+        help="the student's arithmetic (datm_fast.precision): float32 (IEEE, TF32 off), tf32 (TF32 convolutions "
+        "and matmuls on GPUs), bfloat16 (autocast forward, backward and Hessian-vector products)",
     )
     step: Literal["auto", "autograd"] = _placement(
         "auto",
@@ -309,10 +319,17 @@ class _Kernels:
     backend: str  # of the fused block op: auto / torch / cpp / cuda
     channels_last: bool  # run the student on channels_last activations
     explicit: bool  # write the steps out where the network allows (EngineOptions.step "auto")
+    precision: Precision = "float32"
+    device_type: str = "cpu"
 
     def written_out(self, spec: ConvNetSpec) -> bool:
-        """Whether the steps run written out kernel by kernel (``explicit_step``): the fused blocks."""
-        return self.explicit and self.fused and spec.norm_relu_pool_blocks
+        """Whether the steps run written out kernel by kernel (``explicit_step``): the fused blocks, in
+        float32 or TF32 (bfloat16 runs through autograd, whose graph autocast casts)."""
+        return self.explicit and self.fused and spec.norm_relu_pool_blocks and self.precision != "bfloat16"
+
+    def autocast(self):
+        """Around the student's forward passes only (see :func:`datm_fast.precision.forward_autocast`)."""
+        return forward_autocast(self.precision, self.device_type)
 
 
 def _kernels(options: EngineOptions, device: torch.device) -> _Kernels:
@@ -322,7 +339,14 @@ def _kernels(options: EngineOptions, device: torch.device) -> _Kernels:
     # take them as they are. Measured 2026-12-03 (2 threads, exact engine, runs interleaved): CIFAR-10
     # IPC 10 at 8 steps 6.12 s against 6.63 s in NCHW with the fused kernels (8.5 against 10.1-10.7 s
     # with PyTorch's ops); IPC 1 at 80 steps 6.3-7.2 s against 6.9-7.6 s. The CUDA kernels are NCHW.
-    return _Kernels(options.fused, block_backend, device.type == "cpu", explicit=options.step == "auto")
+    return _Kernels(
+        options.fused,
+        block_backend,
+        device.type == "cpu",
+        explicit=options.step == "auto",
+        precision=options.precision,
+        device_type=device.type,
+    )
 
 
 class _ConvTap(NamedTuple):
@@ -348,6 +372,15 @@ def _leaf_step_loss(
     x = images if augment is None else apply_dsa(images, augment)
     if kernels.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    with kernels.autocast():
+        logits = _student_logits(spec, leaves, x, kernels, taps)
+    # The loss in the set's dtype: under bfloat16 autocast the logits are bfloat16.
+    return soft_cross_entropy(logits.to(labels.dtype), labels, reduction="sum") / batch_size
+
+
+def _student_logits(
+    spec: ConvNetSpec, leaves: list[Tensor], x: Tensor, kernels: _Kernels, taps: list[_ConvTap] | None
+) -> Tensor:
     conv = conv2d if kernels.fused else F.conv2d
     if taps is not None:
         layers = iter(spec.layer_params)
@@ -361,7 +394,7 @@ def _leaf_step_loss(
         logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend, conv=tapped_conv)
     else:
         logits = convnet_apply(spec, leaves, x, fused=kernels.fused, backend=kernels.backend)
-    return soft_cross_entropy(logits, labels, reduction="sum") / batch_size
+    return logits
 
 
 # The conv-output identity of _gradient_dot pays where a convolution's reduction is long: it trades
@@ -402,7 +435,9 @@ def _gradient_dot(
     # Elementwise, so the direction reaching each weight's double backward keeps its format.
     dot = sum((g * lam_parts[j]).sum() for g, j in zip(grads[len(tapped) :], others))
     for t, gy in zip(tapped, grads[: len(tapped)]):
-        dot = dot + (gy * conv(t.x, lam_parts[t.weight], lam_parts[t.bias], padding=t.padding)).sum()
+        with kernels.autocast():  # in the forward's precision: it is that convolution in direction lam
+            lam_y = conv(t.x, lam_parts[t.weight], lam_parts[t.bias], padding=t.padding)
+        dot = dot + (gy * lam_y).sum()
     return dot
 
 
@@ -766,6 +801,12 @@ class _CheckpointedUnroll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        # The caller's backward() runs outside trajectory_matching_loss's precision scope.
+        with precision_scope(ctx.options.precision):
+            return _CheckpointedUnroll.reverse(ctx, grad_loss)
+
+    @staticmethod
+    def reverse(ctx, grad_loss):
         images, labels, lr, lam, thetas = ctx.saved_tensors
         spec, plan, micro_batch, unroll = ctx.spec, ctx.plan, ctx.options.micro_batch, ctx.options.unroll
         distributed: Distributed | None = ctx.distributed
@@ -889,6 +930,8 @@ def trajectory_matching_loss(
               the ``full`` engine instead (same gradient, less recomputation; on a GPU never faster,
               so None, the default, never switches);
             * ``backend``: of the fused ops (the distance, and the norm/ReLU/pool block);
+            * ``precision``: the student's arithmetic, ``"float32"`` (IEEE), ``"tf32"`` or ``"bfloat16"``
+              (:mod:`datm_fast.precision`); float64 inputs are float64 under all three;
             * ``fused``: run each instance norm -> ReLU -> 2x2 average pool block of the student as one
               fused op with fused backward and double-backward kernels
               (:func:`datm_fast.ops.norm_relu_pool`); False runs PyTorch's ops. Same gradient to
@@ -974,11 +1017,14 @@ def trajectory_matching_loss(
             micro_batch = min(sharing.all_gather_object(micro_batch))
         options = options.replace(micro_batch=micro_batch)
     kernels = _kernels(options, images.device)
-    if options.unroll == "full":
-        return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, options, kernels)
-    graphs = None
-    if options.graphs == "on" and kernels.written_out(spec):
-        graphs = step_graphs if step_graphs is not None else StepGraphs()
-    return _CheckpointedUnroll.apply(
-        images, labels, lr, start_params, target_params, spec, plan, options, kernels, graphs, sharing
-    )
+    with precision_scope(options.precision):
+        if options.unroll == "full":
+            # Its backward is the caller's loss.backward(), in the caller's TF32 mode (the distill loop
+            # runs it in this precision's scope too); autocast was recorded in its graph.
+            return _full_unroll(spec, start_params, target_params, images, labels, lr, plan, options, kernels)
+        graphs = None
+        if options.graphs == "on" and kernels.written_out(spec):
+            graphs = step_graphs if step_graphs is not None else StepGraphs()
+        return _CheckpointedUnroll.apply(
+            images, labels, lr, start_params, target_params, spec, plan, options, kernels, graphs, sharing
+        )

@@ -25,7 +25,6 @@ device. The host reads results once per group, at the end.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from torch.func import functional_call
 
 from ..augment import DSAParams, apply_dsa, sample_dsa_params
 from ..models import get_network
+from ..precision import forward_autocast, precision_scope
 from .config import EvalConfig
 from .losses import train_loss
 
@@ -179,14 +179,6 @@ def _draw_dsa(
     ]
 
 
-def _autocast(config: EvalConfig, device: torch.device) -> contextlib.AbstractContextManager[object]:
-    """bfloat16 autocast of the forward (and so the backward) when asked; parameters, gradients,
-    momentum and the SGD update stay float32."""
-    if config.precision == "bfloat16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ----- the functional engine ---------------------------------------------------------------------
 LossFn = Callable[[list[Tensor], Tensor, Tensor], Tensor]
 
@@ -307,7 +299,7 @@ def _train_stack(
             b = idx.shape[1]
             if config.dsa is not None:
                 xb = _dsa_runs(xb, _draw_dsa(config, rngs, b, h, w, device))
-            with _autocast(config, device):
+            with forward_autocast(config.precision, device.type):
                 losses = loss_fn(params, xb, yb)
             grads = list(torch.autograd.grad(losses.sum(), params))
             with torch.no_grad():
@@ -354,7 +346,7 @@ def _train_test_module(
             xb, yb = data.batch(idx)
             if config.dsa is not None:
                 xb = _dsa_runs(xb, _draw_dsa(config, [rng], idx.shape[1], h, w, device))
-            with _autocast(config, device):
+            with forward_autocast(config.precision, device.type):
                 loss = train_loss(net(xb[0]), yb[0])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -435,6 +427,11 @@ def train_and_test(
 
     ``data.per_run`` sets must have one set per run, in ``rngs`` order.
     """
+    with precision_scope(config.precision):
+        return _train_and_test(model, num_classes, data, lr, test_x, test_y, config, rngs, device, tick)
+
+
+def _train_and_test(model, num_classes, data, lr, test_x, test_y, config, rngs, device, tick) -> GroupResult:
     start = time.perf_counter()
     shape = data.image_shape
     functional = config.engine != "module" and stackable(model, num_classes, shape)

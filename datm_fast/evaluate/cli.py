@@ -36,6 +36,7 @@ _BASELINES = ("random-real", "whole")
 def add_parser(subparsers: Any) -> None:
     """Register the ``eval`` subcommand on ``subparsers`` (from ``ArgumentParser.add_subparsers``)."""
     from ..distributed import add_timeout_flag
+    from ..precision import PRECISIONS
 
     p = subparsers.add_parser(
         "eval",
@@ -84,7 +85,12 @@ def add_parser(subparsers: Any) -> None:
         default="auto",
         help="torch.compile the training step (auto: on CPU for long runs, 1.6x there)",
     )
-    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on GPUs; not upstream's numerics)")
+    run.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="float32: IEEE (TF32 off); tf32: TF32 convolutions/matmuls on GPUs (upstream's); bfloat16: autocast",
+    )
     run.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the set, or ./eval_*.json)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
@@ -189,7 +195,7 @@ def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distr
         engine=args.engine,
         parallel_runs=args.parallel_runs,
         compile={"auto": "auto", "on": True, "off": False}[args.compile],
-        precision="bfloat16" if args.bf16 else "float32",
+        precision=args.precision,
     )
     meta: dict[str, Any] = {"seed": args.seed}
 

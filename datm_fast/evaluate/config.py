@@ -27,11 +27,11 @@ from typing import Any, Literal, Union
 
 from ..augment import DSAConfig
 from ..models import EVAL_POOLS
+from ..precision import Precision, check_precision
 
 __all__ = ["EvalConfig", "EvalResult", "EVAL_POOLS", "resolve_models"]
 
 Engine = Literal["auto", "functional", "module"]
-Precision = Literal["float32", "bfloat16"]
 
 
 def resolve_models(spec: Union[str, Sequence[str]]) -> tuple[str, ...]:
@@ -91,7 +91,9 @@ class EvalConfig:
     )
     parallel_runs: int | None = None  # runs the functional engine trains at once; None: 1 on CPU, what fits on CUDA
     compile: Union[bool, Literal["auto"]] = "auto"  # torch.compile the training step; see should_compile
-    precision: Precision = "float32"  # bfloat16: autocast forward/backward (not upstream's numerics; for GPUs)
+    # float32: IEEE (TF32 off); tf32: TF32 convolutions and matmuls on GPUs (upstream's numerics: PyTorch's
+    # default for cuDNN convolutions); bfloat16: autocast forward/backward. See datm_fast.precision.
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -111,8 +113,7 @@ class EvalConfig:
             _check_int("parallel_runs", self.parallel_runs, 1)
         if not isinstance(self.compile, bool) and self.compile != "auto":
             raise ValueError(f"EvalConfig.compile must be True, False or 'auto', got {self.compile!r}")
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError(f"EvalConfig.precision must be 'float32' or 'bfloat16', got {self.precision!r}")
+        check_precision("EvalConfig", self.precision)
 
     # ----- the schedule ---------------------------------------------------------------------------
     @property

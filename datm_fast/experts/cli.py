@@ -70,6 +70,7 @@ def add_parser(subparsers: Any) -> None:
     ``DatasetError``) with a message naming it.
     """
     from ..distributed import add_timeout_flag
+    from ..precision import PRECISIONS
 
     p = subparsers.add_parser(
         "buffer",
@@ -95,6 +96,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--no-dsa", action="store_true", help="no augmentation")
     p.add_argument(
         "--experts-per-batch", type=int, default=None, help="experts trained at once (default: 1 CPU, 8 GPU)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="float32: IEEE (TF32 off; default); tf32: TF32 convolutions/matmuls on GPUs (upstream's); bfloat16: "
+        "autocast forward (datm_fast.precision)",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     add_timeout_flag(p)
@@ -197,6 +205,7 @@ def _train_buffer(args: argparse.Namespace, ranks: Any, device: Any) -> int:
         adaptive=not args.no_adaptive,
         dsa=None if args.no_dsa else DSAConfig(strategy=args.dsa_strategy),
         seed=args.seed,
+        precision=args.precision,
     )
     t0 = time.perf_counter()
     data_spec = _data_spec(args, subsets=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..augment import DSAConfig
+from ..precision import Precision, check_precision
 
 __all__ = ["OPTIMIZERS", "ExpertConfig", "expert_seed", "stream_seed"]
 
@@ -69,6 +70,10 @@ def _check_float(name: str, value: object, *, minimum: float = 0.0, strict: bool
     return v
 
 
+#: Keys added to ExpertConfig after its first buffers, with the value those buffers were trained under.
+_LATER_KEYS: dict[str, object] = {"precision": "float32"}
+
+
 @dataclass(frozen=True)
 class ExpertConfig:
     """How each expert is trained. Defaults are DATM's ``buffer_FTD.py`` (as run in its ``run_buffer.sh``).
@@ -93,6 +98,10 @@ class ExpertConfig:
     adaptive: bool = True  # GSAM perturbation scaled per weight by w^2 (adaptive SAM), as upstream
     dsa: DSAConfig | None = field(default_factory=DSAConfig)  # augmentation of every batch; None: none
     seed: int = 0  # run seed: expert i draws everything from expert_seed(seed, i)
+    # The networks' arithmetic (datm_fast.precision): float32 is IEEE (TF32 off); tf32 is PyTorch's
+    # default for cuDNN convolutions, which upstream's experts trained under; bfloat16 autocasts the
+    # forward (parameters, GSAM and the update stay float32).
+    precision: Precision = "float32"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -112,10 +121,20 @@ class ExpertConfig:
         set_(self, "seed", int(self.seed))
         if self.dsa is not None and not isinstance(self.dsa, DSAConfig):
             raise ValueError(f"ExpertConfig.dsa must be a DSAConfig or None, got {type(self.dsa).__name__}")
+        check_precision("ExpertConfig", self.precision)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the ``config`` of a buffer manifest); :meth:`from_dict` inverts it."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (the ``config`` of a buffer manifest); :meth:`from_dict` inverts it.
+
+        A key added after buffers were first written (``precision``) appears only when it is not its
+        default: a float32 buffer's manifest, and so its identity, is what it was before the key
+        existed, and buffers written before it resume and match as they did.
+        """
+        d = dataclasses.asdict(self)
+        for name, default in _LATER_KEYS.items():
+            if d[name] == default:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExpertConfig:

@@ -48,6 +48,7 @@ from ..backends import Backend, check_backend
 from ..data import ImageDataset
 from ..models import ConvNetSpec, init_flat_params
 from ..ops import resolve_block_backend
+from ..precision import forward_autocast, precision_scope
 from ..utils import resolve_device
 from ._batched import batched_logits, stack_inputs
 from .config import ExpertConfig, expert_seed, stream_seed
@@ -206,8 +207,10 @@ class ExpertTrainer:
         """Per-expert gradient ``(K, P)``, logits ``(K, b, classes)`` and mean loss ``(K,)`` on the batch."""
         k, b = y.shape
         p = params.detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = batched_logits(self.spec, p, x, block_backend=self._block_backend)
+        precision = self.config.precision
+        with torch.enable_grad(), precision_scope(precision):
+            with forward_autocast(precision, self.device.type):
+                logits = batched_logits(self.spec, p, x, block_backend=self._block_backend).float()
             losses = F.cross_entropy(logits.reshape(k * b, -1), y.reshape(k * b), reduction="none").view(k, b).mean(1)
             (grad,) = torch.autograd.grad(losses.sum(), p)
         return grad, logits.detach(), losses.detach()
@@ -258,7 +261,10 @@ class ExpertTrainer:
             y = self._test_y[lo : lo + self.test_batch_size]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits = batched_logits(self.spec, params, x, shared_input=True, block_backend=self._block_backend)
+            precision = self.config.precision
+            with precision_scope(precision), forward_autocast(precision, self.device.type):
+                logits = batched_logits(self.spec, params, x, shared_input=True, block_backend=self._block_backend)
+            logits = logits.float()
             yk = y.expand(k, -1)
             loss_sum += F.cross_entropy(logits.flatten(0, 1), yk.reshape(-1), reduction="none").view(k, -1).sum(1)
             correct += (logits.argmax(-1) == yk).sum(1)

@@ -104,6 +104,8 @@ def norm_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5, *,
         backend: ``"auto"`` (C++ on CPU, CUDA on GPU where built, else PyTorch), ``"torch"``, ``"cpp"``
             or ``"cuda"`` (see :func:`resolve_block_backend`).
 
+    Under autocast, a bfloat16 or float16 ``z`` is normalised in float32 and the output is float32.
+
     Returns (B, C, H // 2, W // 2), differentiable any number of times in z, gamma and beta (the second
     derivative is the fused double-backward kernel, as the unroll engines need; a third one is not
     implemented by the compiled kernels).
@@ -114,6 +116,12 @@ def norm_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5, *,
     """
     if z.dim() != 4:
         raise ValueError(f"norm_relu_pool: z must be (B, C, H, W), got shape {tuple(z.shape)}")
+    if torch.is_autocast_enabled(z.device.type) and z.dtype in (torch.bfloat16, torch.float16):
+        # A norm under autocast runs in float32, as aten's own norms do there: its statistics over a
+        # plane in bfloat16 (8-bit mantissa) would lose the small variances; the next convolution casts
+        # the float32 output back.
+        z = z.float()
+        gamma, beta = gamma.float(), beta.float()
     channels = z.shape[1]
     for name, t in (("gamma", gamma), ("beta", beta)):
         if t.shape != (channels,):

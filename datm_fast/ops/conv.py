@@ -129,6 +129,8 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         bias: (C_out,) or None.
         padding: zero padding on every side.
 
+    Under autocast, float32 operands are cast to the autocast dtype first, as ``F.conv2d``'s are.
+
     Equivalent PyTorch code::
 
         F.conv2d(x, weight, bias, padding=padding)
@@ -142,4 +144,16 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         raise ValueError(f"conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"conv2d: padding must be an int >= 0, got {padding!r}")
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As autocast treats aten's convolution: float32 operands in the autocast dtype (float64 stays),
+        # then no autocast inside, so that every derivative sees the operands its forward saw.
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias = (_autocast_operand(t, dtype) for t in (x, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return _Conv.apply(x, weight, bias, padding)
     return _Conv.apply(x, weight, bias, padding)
+
+
+def _autocast_operand(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return t.to(dtype) if t is not None and t.dtype == torch.float32 else t
