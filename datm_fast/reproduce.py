@@ -683,7 +683,7 @@ def run_reproduce(
     }
 
     # A finished IPC is reused only when it was made by the same preset, seed, buffer and data.
-    def cache_key(**extra: Any) -> Any:
+    def cache_key(data_name: str | None = data.fingerprint, **extra: Any) -> Any:
         kept = {k: v for k, v in preset.to_dict().items() if k not in ("description", "ipcs", "expert_backend")}
         return _json_roundtrip(
             {
@@ -691,19 +691,28 @@ def run_reproduce(
                 "seed": seed,
                 "buffer_epochs": buffer.num_epochs,
                 "buffer_experts": buffer.num_experts,
-                "data": data.fingerprint,
+                "data": data_name,
                 **extra,
             }
         )
+
+    def reusable(cached: Any, **extra: Any) -> bool:
+        """Whether ``cached`` was written under this key; results written before fingerprints had
+        content roots (2026-12-05) name the data by its legacy fingerprint."""
+        if not isinstance(cached, dict):
+            return False
+        names = [n for n in (data.fingerprint, data.legacy_fingerprint) if n is not None]
+        return any(cached.get("key") == cache_key(name, **extra) for name in names or [None])
 
     rows: list[ReproduceRow] = []
     for ipc in preset.ipcs:
         config = configs[ipc]
         run_dir = out_dir / f"ipc{ipc}"
         row_file = run_dir / "reproduce_row.json"
-        key = cache_key(ipc=ipc, config={k: v for k, v in config.to_dict().items() if k not in PLACEMENT_KEYS})
+        ipc_key = {"ipc": ipc, "config": {k: v for k, v in config.to_dict().items() if k not in PLACEMENT_KEYS}}
+        key = cache_key(**ipc_key)
         cached = _read_json(row_file)
-        if cached is not None and cached.get("key") == key:
+        if reusable(cached, **ipc_key):
             rows.append(ReproduceRow.from_dict(cached["row"]))
             say(f"IPC {ipc}: reusing the finished results in {row_file}")
             continue
@@ -754,7 +763,7 @@ def run_reproduce(
         whole_file = out_dir / "whole_dataset.json"
         key = cache_key(whole_dataset=True)
         cached = _read_json(whole_file)
-        if cached is not None and cached.get("key") == key:
+        if reusable(cached, whole_dataset=True):
             whole = WholeDatasetRow.from_dict(cached["row"])
             say(f"whole dataset: reusing the finished results in {whole_file}")
         else:

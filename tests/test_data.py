@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import struct
 import sys
 import types
@@ -855,6 +856,34 @@ def test_preprocess_zca_cached_on_disk(tmp_path, monkeypatch):
         preprocess(ds, "zca", eps=0.2, cache_dir=tmp_path / "cache")
     with pytest.raises(DatasetError, match="already preprocessed"):
         preprocess(out, "zca")
+
+
+def test_a_copy_elsewhere_has_the_same_fingerprint_and_identity(tmp_path):
+    """The fingerprint's root is the decoded content: a copy at another path, with other file times,
+    is the same data (the ranks of a job on several machines compare it), a changed pixel is not; the
+    source-metadata root stays as the cache key and the legacy fingerprint old buffers recorded."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    make_pixels_npz(tmp_path / "a" / "p.npz", n_train=40, shape=(4, 4, 3), classes=("a", "b"))
+    shutil.copyfile(tmp_path / "a" / "p.npz", tmp_path / "b" / "p.npz")  # a new mtime too
+    os.utime(tmp_path / "b" / "p.npz", ns=(1, 1))
+    a = load_dataset(tmp_path / "a" / "p.npz", cache_dir=tmp_path / "cache")
+    b = load_dataset(tmp_path / "b" / "p.npz", cache_dir=tmp_path / "cache")
+    assert a.fingerprint == b.fingerprint and a.identity() == b.identity() and "+" not in a.fingerprint
+    assert a.source_fingerprint != b.source_fingerprint  # two cache entries, one per source
+    assert len(list((tmp_path / "cache" / "datasets").glob("*.npz"))) == 2
+    # Derivations extend both roots alike.
+    sub_a, sub_b = subset_dataset(a, max_train=20, seed=1), subset_dataset(b, max_train=20, seed=1)
+    assert sub_a.fingerprint == sub_b.fingerprint == a.fingerprint + "+subset(train=20,test=None,seed=1)"
+    zca, _ = preprocess(sub_a, "zca", cache_dir=tmp_path / "cache")
+    root, _, chain = zca.fingerprint.partition("+")
+    assert root == a.fingerprint and zca.legacy_fingerprint == a.source_fingerprint + "+" + chain
+    # Another pixel is another dataset; a dataset built in memory is told apart by its tensors.
+    make_pixels_npz(tmp_path / "c.npz", n_train=40, shape=(4, 4, 3), classes=("a", "b"), seed=5)
+    assert load_dataset(tmp_path / "c.npz", cache=False).fingerprint != a.fingerprint
+    moved = a.replace(train_images=a.train_images.flip(0))
+    assert moved.fingerprint is None and moved.legacy_fingerprint is None
+    assert moved.identity().startswith("tensors:") and moved.identity() != a.replace(fingerprint=None).identity()
 
 
 def test_replace_tensors_drops_fingerprint_so_fits_are_not_cached(tmp_path):

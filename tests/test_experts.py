@@ -479,6 +479,29 @@ def test_build_buffer_resumes_and_extends(tmp_path):
         build_buffer(tmp_path, subset_dataset(ds, 50, seed=1), TINY, cfg, 3, backend="torch")
 
 
+def test_a_buffer_written_with_the_old_fingerprint_resumes_and_checks(tmp_path):
+    """Buffers written before fingerprints had content roots (2026-12-05) recorded the source files'
+    metadata root: they are still this dataset's buffers (ExpertBuffer.check), and build_buffer
+    extends one with the identity its files carry, so the experts there are adopted, not retrained."""
+    content = toy_dataset().replace(fingerprint="c0ffee+zca(eps=0.1)", source_fingerprint="5ca1ab1e")
+    old = content.replace(fingerprint=content.legacy_fingerprint)  # how the old code named it
+    assert old.fingerprint == "5ca1ab1e+zca(eps=0.1)"
+    cfg = ExpertConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.05)
+    build_buffer(tmp_path, old, TINY, cfg, 2, backend="torch")
+    identity = json.loads((tmp_path / "manifest.json").read_text())["identity"]
+    ExpertBuffer.open(tmp_path, spec=TINY, dataset=content)  # checks the dataset: the legacy name is known
+    grown = build_buffer(tmp_path, content, TINY, cfg, 3, backend="torch")
+    assert grown.trained == (2,) and grown.skipped == (0, 1)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["identity"] == identity and manifest["dataset"]["fingerprint"] == old.fingerprint
+    # Another dataset is still another dataset, under either name.
+    other = content.replace(fingerprint="c0ffee+zca(eps=0.2)")
+    with pytest.raises(ExpertBufferError, match="fingerprint"):
+        ExpertBuffer.open(tmp_path, spec=TINY, dataset=other)
+    with pytest.raises(ExpertBufferError, match="different dataset"):
+        build_buffer(tmp_path, other, TINY, cfg, 3, backend="torch")
+
+
 def test_select_limits_files_and_experts(tmp_path):
     ds = toy_dataset()
     cfg = ExpertConfig(epochs=1, batch_size=32, optimizer="sgd", lr=0.05)

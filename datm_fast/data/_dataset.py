@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..utils import tensor_digest
+
 __all__ = ["DatasetError", "ImageDataset", "from_uint8"]
 
 
@@ -33,9 +35,14 @@ class ImageDataset:
         classes: ``num_classes`` human-readable class names; label ``k`` is ``classes[k]``.
         val_images, val_labels: an optional third split (MedMNIST ships one). It is never merged into
             train or test silently; use :meth:`with_val_merged` to train on train + val.
-        fingerprint: identifies the source bytes and every derivation applied (long-tail subsampling,
-            preprocessing). Used as a cache key for fitted transforms; ``None`` disables that cache.
+        fingerprint: identifies the decoded source's content (a sha256 of its pixels, labels and class
+            names: the same for a copy anywhere) and every derivation applied (long-tail subsampling,
+            subsets, preprocessing), as ``root+derivation+...``. Used as a cache key for fitted
+            transforms and as :meth:`identity`; ``None`` disables that cache.
         preprocessing: ``"none"`` for raw pixels, else the preprocess that produced these tensors.
+        source_fingerprint: the fingerprint's root as datm_fast wrote it before 2026-12-05, from the
+            source files' path, sizes and times (what the decoded-pixel cache is keyed by): buffers
+            written then recorded ``legacy_fingerprint``, and are still recognised by it.
 
     Constructing one checks shapes, dtypes and label ranges and raises :class:`DatasetError`.
     Tensors are not copied; treat them as read-only (the dataclass is frozen, the tensors are not).
@@ -51,6 +58,7 @@ class ImageDataset:
     val_labels: torch.Tensor | None = None
     fingerprint: str | None = None
     preprocessing: str = "none"
+    source_fingerprint: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.classes, tuple):
@@ -122,7 +130,29 @@ class ImageDataset:
         # Hashing would also cost a pass over every pixel on each replace.
         if "fingerprint" not in changes and any(f in changes for f in _TENSOR_FIELDS):
             changes["fingerprint"] = None
+        if changes.get("fingerprint", self.fingerprint) is None:
+            changes["source_fingerprint"] = None  # it names a root of the fingerprint, now gone
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def legacy_fingerprint(self) -> str | None:
+        """The fingerprint as written before content roots (2026-12-05): the same derivations on the
+        source files' metadata root. None when either is unknown."""
+        if self.fingerprint is None or self.source_fingerprint is None:
+            return None
+        _root, plus, derivations = self.fingerprint.partition("+")
+        return self.source_fingerprint + plus + derivations
+
+    def identity(self) -> str:
+        """What tells datasets apart wherever they are: the fingerprint (content and derivations, so a
+        copy at another path or with other file times has the same one), else, for a dataset built in
+        memory, a digest of every split's tensors. The ranks of a job compare it before any work."""
+        if self.fingerprint is not None:
+            return self.fingerprint
+        splits = [self.train_images, self.train_labels, self.test_images, self.test_labels]
+        if self.val_images is not None and self.val_labels is not None:
+            splits += [self.val_images, self.val_labels]
+        return "tensors:" + tensor_digest(*splits, extra=repr(self.classes))
 
     def with_val_merged(self) -> ImageDataset:
         """Train on train + val (val appended after train), the usual final-run policy for MedMNIST.

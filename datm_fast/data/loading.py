@@ -15,7 +15,7 @@ from ..utils import default_cache_dir
 from ._dataset import DatasetError, ImageDataset, from_uint8
 from ._layouts import RawDataset, Source, canonical_name, detect_source, read_source
 from .bundled import BUNDLED
-from .cache import dataset_cache_path, read_cached, source_fingerprint, write_cached
+from .cache import content_fingerprint, dataset_cache_path, read_cached, source_fingerprint, write_cached
 
 __all__ = ["DATASET_NAMES", "load_dataset", "resolve_source"]
 
@@ -183,7 +183,7 @@ def load_dataset(
     if isinstance(name_or_path, str) and name_or_path.lower() in BUNDLED:
         return BUNDLED[name_or_path.lower()]()  # ships inside a package: nothing to resolve or cache
     source = resolve_source(name_or_path, root, download=download)
-    fingerprint = source_fingerprint(source)
+    fingerprint = source_fingerprint(source)  # the cache key: a stat per file, no decoding
     raw: RawDataset | None = None
     cache_path: Path | None = None
     if cache:
@@ -205,7 +205,8 @@ def load_dataset(
         classes=raw.classes,
         val_images=from_uint8(raw.val_x) if has_val else None,
         val_labels=_labels_tensor(raw.val_y) if has_val else None,
-        fingerprint=fingerprint,
+        fingerprint=content_fingerprint(raw),
+        source_fingerprint=fingerprint,
     )
 
 

@@ -577,11 +577,9 @@ def _plan_digest(plan: UnrollPlan) -> str:
 
 # ----- what the ranks agree on -------------------------------------------------------------------------
 def _data_identity(data: ImageDataset) -> tuple[str, str]:
-    """The dataset's name and fingerprint, or a hash of its train split where it has none (an
-    in-memory dataset): what the ranks must agree on."""
-    if data.fingerprint is not None:
-        return data.name, data.fingerprint
-    return data.name, "train tensors " + tensor_digest(data.train_images, data.train_labels)
+    """The dataset's name and :meth:`~datm_fast.data.ImageDataset.identity` (its content and derivations:
+    copies at other paths agree): what the ranks must agree on."""
+    return data.name, data.identity()
 
 
 def _experts_identity(experts: Trajectories) -> Any:

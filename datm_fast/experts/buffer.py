@@ -76,6 +76,7 @@ __all__ = [
     "file_sha256",
     "infer_upstream_spec",
     "manifest_entry",
+    "recorded_dataset_info",
     "spec_from_dict",
     "spec_to_dict",
 ]
@@ -145,6 +146,22 @@ def dataset_info(dataset: ImageDataset) -> dict[str, Any]:
         "train_images": int(dataset.train_labels.shape[0]),
         "test_images": int(dataset.test_labels.shape[0]),
     }
+
+
+def recorded_dataset_info(root: PathLike, dataset: ImageDataset) -> dict[str, Any]:
+    """:func:`dataset_info` of ``dataset`` as the buffer at ``root`` records it: the buffer's own record
+    where it was written before fingerprints had content roots (2026-12-05) and names this dataset by
+    its :attr:`~datm_fast.data.ImageDataset.legacy_fingerprint`, so that such a buffer resumes with the
+    identity its files carry; else (a new buffer, or one written since) the dataset's info now."""
+    info = dataset_info(dataset)
+    try:
+        recorded = _read_manifest(Path(root)).get("dataset")
+    except ExpertBufferError:
+        return info  # no buffer there yet (or not a readable one: BufferWriter says so)
+    legacy = {**info, "fingerprint": dataset.legacy_fingerprint}
+    if dataset.legacy_fingerprint is not None and _canonical(recorded) == _canonical(legacy):
+        return legacy
+    return info
 
 
 def _canonical(obj: Any) -> str:
@@ -839,16 +856,18 @@ class ExpertBuffer:
     def check(self, *, spec: ConvNetSpec | None = None, dataset: ImageDataset | str | None = None) -> None:
         """Raise :class:`ExpertBufferError` unless this buffer is for ``spec`` and ``dataset`` (when given).
 
-        ``dataset``: an :class:`ImageDataset` (its fingerprint is compared) or a fingerprint string.
-        Upstream buffers record no dataset; only ``spec`` is checked for them.
+        ``dataset``: an :class:`ImageDataset` (its fingerprint is compared; for a buffer written before
+        fingerprints had content roots, its legacy fingerprint) or a fingerprint string. Upstream
+        buffers record no dataset; only ``spec`` is checked for them.
         """
         where = self.root / MANIFEST_NAME if self.kind == "native" else self.root
         if spec is not None and spec != self.spec:
             raise ExpertBufferError(f"{where}: buffer is for {self.spec}, expected {spec}")
         if dataset is not None and self.kind == "native":
             want = dataset.fingerprint if isinstance(dataset, ImageDataset) else str(dataset)
+            known = {want, dataset.legacy_fingerprint if isinstance(dataset, ImageDataset) else None}
             got = (self.manifest or {}).get("dataset", {}).get("fingerprint")
-            if want != got:
+            if got not in known - {None}:
                 raise ExpertBufferError(
                     f"{where}: buffer was trained on data with fingerprint {got!r}, expected {want!r} "
                     "(another dataset, preprocessing or subset)"

@@ -22,8 +22,8 @@ from .buffer import (
     ExpertBuffer,
     ExpertBufferError,
     ExpertFiles,
-    dataset_info,
     manifest_entry,
+    recorded_dataset_info,
     spec_to_dict,
 )
 from .config import ExpertConfig
@@ -124,7 +124,7 @@ def build_buffer(
         raise ValueError(f"experts_per_batch must be >= 1, got {experts_per_batch}")
     header = {
         "model": {"name": model_name, "spec": spec_to_dict(spec)},
-        "dataset": dataset_info(dataset),
+        "dataset": recorded_dataset_info(out, dataset),
         "config": config.to_dict(),
         "num_epochs": config.epochs,
         "num_params": spec.num_params,
@@ -137,7 +137,7 @@ def build_buffer(
     distributed.agree_each(
         {
             "the model": header["model"],
-            "the dataset (name, fingerprint, preprocessing, sizes)": header["dataset"],
+            "the dataset (name, content fingerprint, preprocessing, sizes)": header["dataset"],
             "the data spec": where,
             "the training config": header["config"],
             "the number of experts": num_experts,
