@@ -69,7 +69,7 @@ def source_fingerprint(source: Source) -> str:
 def content_fingerprint(raw: RawDataset) -> str:
     """Hex SHA-256 over the decoded arrays (dtype, shape and bytes of every split) and the class names:
     the same for every copy of the data, wherever it lies and whatever its file times (CIFAR-10's
-    150 MB of pixels: 0.09 s on the 2-core VM)."""
+    180 MB of pixels and labels: 0.10 s on the 2-core VM, 2026-12-05)."""
     h = hashlib.sha256(b"datm_fast.data content v1\0")
     for key in (*_ARRAYS, "val_x", "val_y"):
         a = getattr(raw, key)
