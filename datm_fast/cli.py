@@ -40,11 +40,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .backends import backend_info
+    from .precision import precision_summary
 
     print(f"datm_fast {__version__}  torch {torch.__version__}  python {platform.python_version()}")
     print(f"cpu threads: {torch.get_num_threads()}  cuda devices: {torch.cuda.device_count()}")
     for status in backend_info().values():
         print(f"  {status}")
+    print(precision_summary())
     return 0
 
 

@@ -28,7 +28,15 @@ from typing import Literal, get_args
 
 import torch
 
-__all__ = ["PRECISIONS", "Precision", "check_precision", "forward_autocast", "precision_scope", "tf32_enabled"]
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "check_precision",
+    "forward_autocast",
+    "precision_scope",
+    "precision_summary",
+    "tf32_enabled",
+]
 
 Precision = Literal["float32", "tf32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -91,3 +99,17 @@ def forward_autocast(precision: Precision, device_type: str) -> contextlib.Abstr
     if check_precision("forward_autocast", precision) == "bfloat16":
         return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def precision_summary() -> str:
+    """One line for ``datm-fast info``: what datm_fast's stages run in by default, and what this process's
+    PyTorch would do outside them (its TF32 switches as they are now; reading them starts no CUDA)."""
+    matmul, conv = _read_tf32()
+    if _new_api():  # "none": inherit torch.backends.fp32_precision, whose "none" is IEEE
+        process = f"matmul {matmul if matmul != 'none' else 'ieee'}, cuDNN conv {conv if conv != 'none' else 'ieee'}"
+    else:
+        process = f"matmul {'tf32' if matmul else 'ieee'}, cuDNN conv {'tf32' if conv else 'ieee'}"
+    return (
+        f"precision: datm_fast stages run float32 as IEEE unless given --precision tf32 or bfloat16 "
+        f"(torch's own defaults here: {process})"
+    )

@@ -16,7 +16,14 @@ from datm_fast.evaluate import EvalConfig
 from datm_fast.experts import ExpertConfig, ExpertTrainer
 from datm_fast.models import ConvNetSpec, init_flat_params
 from datm_fast.ops import conv2d, norm_relu_pool
-from datm_fast.precision import PRECISIONS, check_precision, forward_autocast, precision_scope, tf32_enabled
+from datm_fast.precision import (
+    PRECISIONS,
+    check_precision,
+    forward_autocast,
+    precision_scope,
+    precision_summary,
+    tf32_enabled,
+)
 
 unroll_module = importlib.import_module("datm_fast.distill.unroll")
 
@@ -214,3 +221,15 @@ def test_a_float32_expert_config_is_written_as_before_the_key_existed():
     assert ExpertConfig.from_dict(before) == ExpertConfig()
     tf32 = ExpertConfig(precision="tf32").to_dict()
     assert tf32["precision"] == "tf32" and ExpertConfig.from_dict(tf32).precision == "tf32"
+
+
+def test_info_says_what_the_stages_run_in_and_what_torch_would(capsys):
+    from datm_fast.cli import main
+
+    assert main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("precision:"))
+    assert "float32 as IEEE" in line and "cuDNN conv" in line
+    with precision_scope("tf32"):  # the line reads the switches as they are
+        assert "matmul tf32, cuDNN conv tf32" in precision_summary()
+    with precision_scope("float32"):
+        assert "matmul ieee, cuDNN conv ieee" in precision_summary()
