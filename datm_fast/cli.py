@@ -327,11 +327,12 @@ def _distill_into(
     if not args.no_buffer_check:
         buffer.check(dataset=data)
     ranks = f" on {distributed.world_size} ranks" if distributed.active else ""
+    precision = "" if config.engine.precision == "float32" else f" in {config.engine.precision}"
     if distributed.is_main:
         print(
             f"distilling {data.name} ({data_spec.preprocessing}) at ipc {config.ipc} from {buffer.num_experts} experts "
-            f"x {buffer.num_epochs} epochs ({buffer_dir}), unroll {config.engine.unroll}, {config.iterations} "
-            f"iterations{ranks} -> {out}",
+            f"x {buffer.num_epochs} epochs ({buffer_dir}), unroll {config.engine.unroll}{precision}, "
+            f"{config.iterations} iterations{ranks} -> {out}",
             flush=True,
         )
     evaluator = None
