@@ -233,3 +233,41 @@ def test_info_says_what_the_stages_run_in_and_what_torch_would(capsys):
         assert "matmul tf32, cuDNN conv tf32" in precision_summary()
     with precision_scope("float32"):
         assert "matmul ieee, cuDNN conv ieee" in precision_summary()
+
+
+# ----- on a GPU (run by benchmarks/gpu_session.sh) -----------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tf32_changes_a_cuda_convolution_and_float32_is_ieee():
+    """What the setting is for: on an Ampere or later GPU, cuDNN's float32 convolution is IEEE (error at
+    float32 rounding, ~1e-7) under float32 and TF32 (10-bit mantissa inputs, ~1e-4) under tf32."""
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("TF32 needs compute capability 8.0 or later")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 64, 32, 32, generator=g), torch.randn(64, 64, 3, 3, generator=g)
+    ref = F.conv2d(x.double(), w.double(), padding=1)
+    errors = {}
+    for precision in ("float32", "tf32"):
+        with precision_scope(precision):
+            y = conv2d(x.cuda(), w.cuda(), padding=1).cpu().double()
+        errors[precision] = ((y - ref).norm() / ref.norm()).item()
+    assert errors["float32"] < 1e-5 < errors["tf32"] < 1e-2, errors
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bfloat16_engine_on_gpu_is_within_the_cpu_bounds_of_float64():
+    """The bfloat16 student on the GPU path (cuDNN in bfloat16, the CUDA block kernels in float32): the same
+    bounds against float64 as on the CPU (test_bfloat16_gradient_error_against_float64)."""
+    spec, problem, _ = _problem()
+    gen = torch.Generator().manual_seed(1)
+    plan = make_unroll_plan(12, 8, 6, image_size=spec.image_size, augment=None, generator=gen)
+    ref = _grads(spec, problem, plan, torch.float64)  # on the CPU
+    steps = tuple(unroll_module.StepPlan(s.indices.cuda(), None) for s in plan.steps)
+    gpu_plan = unroll_module.UnrollPlan(steps, plan.num_images)
+    start, target, images, labels, lr = (t.float().cuda() for t in problem)
+    x, y, a = (t.clone().requires_grad_() for t in (images, labels, lr))
+    loss = trajectory_matching_loss(spec, start, target, x, y, a, plan=gpu_plan, precision="bfloat16")
+    loss.backward()
+    errors = [_rel(t.grad.double().cpu(), r) for t, r in zip((x, y, a), ref[1:])]
+    assert errors[0] < 0.15 and errors[1] < 0.05 and errors[2] < 0.02, errors
