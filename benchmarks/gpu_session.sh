@@ -38,7 +38,7 @@
 # evaluate.json, reproduce.json (datm-fast reproduce's results.json, its table included).
 #
 # Environment: OUT (default ./gpu-out), PYTHON (python3), DEADLINE (530), STAGES (all, or a comma list of
-# device,build,tests,engines,experts,evaluate,reproduce,wheel), ENGINES, BENCH_CONFIGS, DATA_ROOT (a folder
+# device,build,tests,engines,experts,evaluate,reproduce,wheel), ENGINES, PROFILE, BENCH_CONFIGS, DATA_ROOT (a folder
 # holding CIFAR-10; default ./data, then ../shared/data), EXPECTED_TORCH (2.11.0+cu130: the device image's).
 # Needs python3 with torch (CUDA), pytest, nvcc and ninja on the GPU machine (its image has them; see
 # ../.library/device/KINDS.md); GNU coreutils' timeout, which stops a stage's whole process group.
@@ -66,6 +66,9 @@ STAGES=${STAGES:-all}
 # Ours default to IEEE float32 (datm_fast.precision); upstream's run as upstream ran, under PyTorch's
 # defaults (TF32 in cuDNN's convolutions), so exact:precision=tf32 is the like-for-like row.
 ENGINES=${ENGINES:-exact;upstream-full;upstream-tesla;exact:precision=tf32;exact:graphs=on;exact:precision=bfloat16;full;tesla}
+# The engines that also run one iteration under torch.profiler (kernels launched, device-busy share, top
+# kernels: what explains a miss without another GPU run), in the JSON rows and under the table in the log.
+PROFILE=${PROFILE-exact;exact:graphs=on;upstream-full}
 # The paper's two smallest CIFAR-10 shapes fit the 9 minutes beside everything else (each (config, engine)
 # pair is its own process: about 10 s each); BENCH_CONFIGS=all times every paper shape (about 4 minutes).
 BENCH_CONFIGS=${BENCH_CONFIGS:-cifar10-ipc1,cifar10-ipc10}
@@ -401,10 +404,10 @@ stage_engines() {
   # (2026-12-05, 2 cores: 19 s isolated, 3 s not).
   if ((DRY)); then
     tmo "$PY" -m datm_fast.cli bench --device cpu --steps-scale 0.02 --iterations 1 --warmup 0 --no-isolate \
-      --configs cifar10-ipc1 --engines "$engines" --json "$OUT/bench-unroll.json"
+      --configs cifar10-ipc1 --engines "$engines" --profile "$PROFILE" --json "$OUT/bench-unroll.json"
   else
     tmo "$PY" -m datm_fast.cli bench --device cuda --configs "$BENCH_CONFIGS" --engines "$engines" \
-      --iterations 2 --warmup 1 --json "$OUT/bench-unroll.json"
+      --profile "$PROFILE" --iterations 2 --warmup 1 --json "$OUT/bench-unroll.json"
   fi
 }
 

@@ -122,6 +122,7 @@ class BenchResult:
     peak_gb: float = 0.0  # GPU: max_memory_allocated; CPU: peak RSS of the process
     baseline_gb: float = 0.0  # the same measure before the first iteration (data, params, libraries)
     error: str | None = None
+    profile: dict[str, Any] | None = None  # one more iteration under torch.profiler (run_bench(profile=True))
 
     @property
     def mean(self) -> float:
@@ -233,10 +234,11 @@ def run_bench(
     micro_batch: int | None = None,
     backend: str = "auto",
     seed: int = 0,
+    profile: bool = False,
 ) -> BenchResult:
     """Time ``iterations`` distillation iterations of ``engine`` (see :func:`engine_options`: ``exact``,
     ``exact:fused=false``, ..., or upstream's loop, ``upstream-full`` and ``upstream-tesla``) at ``shape``
-    in this process."""
+    in this process; with ``profile``, run one more under ``torch.profiler`` (:func:`profile_summary`)."""
     options = engine_options(engine, micro_batch=micro_batch, backend=backend)
     device = torch.device(device)
     upstream = engine.partition(":")[0] in UPSTREAM_ENGINES
@@ -261,22 +263,62 @@ def run_bench(
     step_graphs = StepGraphs()
     # Upstream's loop draws from the global RNG: forked, so that the run leaves the process's state as it was.
     rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=upstream)
+
+    def one(i: int) -> None:
+        if upstream:
+            _upstream_iteration(spec, problem, shape, engine, seed + i, device)
+        else:
+            _iteration(spec, problem, shape, options, seed + i, device, leaves, step_graphs)
+        sync()
+
     try:
         with rng:
             for i in range(warmup + iterations):
                 sync()
                 t0 = time.perf_counter()
-                if upstream:
-                    _upstream_iteration(spec, problem, shape, engine, seed + i, device)
-                else:
-                    _iteration(spec, problem, shape, options, seed + i, device, leaves, step_graphs)
-                sync()
+                one(i)
                 if i >= warmup:
                     result.seconds.append(time.perf_counter() - t0)
+            if profile:
+                sync()
+                result.profile = profile_summary(lambda: one(warmup + iterations), device)
     except torch.cuda.OutOfMemoryError as exc:  # the point of the exercise for `full` at large IPC
         result.error = f"out of memory: {str(exc).splitlines()[0]}"
     result.peak_gb = _peak_gb(device)
     return result
+
+
+def profile_summary(work: Any, device: torch.device, top: int = 12) -> dict[str, Any]:
+    """``work()`` once under ``torch.profiler``, summarised for a benchmark row (and so for a note that
+    explains a miss): the wall time (profiler overhead included), on a GPU the number of kernels
+    launched and the time they kept the device busy (a launch-bound step shows busy well below wall),
+    and the ``top`` operators (kernels on a GPU) by self time, in ms."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with torch_profile(activities=activities):  # the profiler's own start-up (0.5 s the first time) outside
+        pass
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        work()
+    wall = time.perf_counter() - t0
+    summary: dict[str, Any] = {"wall_s": round(wall, 4), "device": device.type}
+    if on_gpu:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        summary["kernels"] = len(kernels)
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
+        summary["device_busy_s"] = round(busy, 4)
+        summary["device_busy_share"] = round(busy / wall, 3) if wall > 0 else None
+
+    def self_us(e: Any) -> float:
+        return float(e.self_device_time_total if on_gpu else e.self_cpu_time_total)
+
+    ranked = sorted(prof.key_averages(), key=self_us, reverse=True)[:top]
+    summary["top"] = [{"name": e.key, "calls": int(e.count), "self_ms": round(self_us(e) / 1e3, 3)} for e in ranked]
+    return summary
 
 
 def run_bench_isolated(shape: BenchShape, engine: str, **kwargs: Any) -> BenchResult:

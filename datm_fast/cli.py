@@ -118,9 +118,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     engines = [e.strip() for e in args.engines.split(";" if ":" in args.engines or ";" in args.engines else ",")]
     for engine in engines:
         engine_options(engine)  # a misspelt engine or option fails before any work, naming it
+    profiled = {e.strip() for e in args.profile.split(";") if e.strip()}
+    if profiled - set(engines):
+        raise ValueError(f"--profile names engines not in --engines: {'; '.join(sorted(profiled - set(engines)))}")
     env = environment()
     upstream = UPSTREAM["h100" if device.type == "cuda" else "cpu"]
     rows: list[dict[str, Any]] = []
+    profiles: list[str] = []  # one line per profiled row, printed after the table
     checks = {}
     print(f"# {' · '.join(f'{k} {v}' for k, v in env.items())}", flush=True)
     if args.check:  # exact must equal full (float64) at CIFAR-10 IPC 1, scaled like the table, before timing
@@ -145,6 +149,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 iterations=args.iterations,
                 warmup=args.warmup,
                 micro_batch=args.micro_batch,
+                profile=engine in profiled,
             )
             results[engine] = r
             rows.append(r.to_dict())
@@ -160,13 +165,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             peak = "–" if r.error else f"{r.peak_gb:.2f}"
             cells = [name, f"{shape.batch_syn} x {shape.syn_steps}", engine, ours, peak, ref_text, speed]
             print("| " + " | ".join(cells) + " |", flush=True)
+            if r.profile is not None:
+                profiles.append(_profile_line(name, engine, r.profile))
             if args.json is not None:  # after every row: a run stopped by a time limit keeps what it measured
                 with atomic_write(args.json, "w") as f:
                     payload = {"environment": env, "steps_scale": args.steps_scale, "results": rows, "checks": checks}
                     json.dump(payload, f, indent=2)
+    for line in profiles:  # under the table, which must stay one block of rows
+        print(line)
     if args.json is not None:
         print(f"wrote {args.json}")
     return 0
+
+
+def _profile_line(config: str, engine: str, profile: dict[str, Any]) -> str:
+    """One profiled row in words: ``profile exact @ cifar10-ipc10: 9,120 kernels, device busy 0.21 of 0.48 s
+    (44%); top: name 12.3 ms x 640, ...``."""
+    parts = [f"profile {engine} @ {config}: wall {profile['wall_s']:.3f} s"]
+    if "kernels" in profile:
+        share = profile.get("device_busy_share")
+        parts.append(
+            f"{profile['kernels']:,} kernels, device busy {profile['device_busy_s']:.3f} s"
+            + (f" ({100 * share:.0f}%)" if share is not None else "")
+        )
+    top = ", ".join(f"{t['name']} {t['self_ms']:.1f} ms x {t['calls']}" for t in profile["top"][:6])
+    return "; ".join(parts) + f"; top: {top}"
 
 
 # ----- distill ----------------------------------------------------------------------------------------------------
@@ -462,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
         "batch where a quarter of the free memory holds it)",
     )
     p.add_argument("--no-isolate", dest="isolate", action="store_false", help="run all in this process")
+    p.add_argument(
+        "--profile",
+        default="",
+        metavar="ENGINES",
+        help="';'-separated engines (of --engines) that also run one iteration under torch.profiler: kernels, "
+        "device-busy share and top operators, printed under their row and kept in the JSON",
+    )
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the exact-vs-full check")
     p.add_argument("--json", type=Path, default=None, help="write the results here (after every row)")
     p.set_defaults(func=_cmd_bench)

@@ -57,3 +57,21 @@ def test_upstream_engines_run_beside_ours(tmp_path, capsys):
     assert all(r["error"] is None and r["mean_s"] > 0 and r["syn_steps"] == 2 for r in rows)
     assert main([*args, "--engines", "exact;upstream-fast", "--no-isolate", "--no-check"]) == 2
     assert "unroll must be one of" in capsys.readouterr().err
+
+
+def test_profiled_engines_say_where_the_time_went(tmp_path, capsys):
+    """--profile: one more iteration under torch.profiler for the engines named, its top operators printed
+    under the table and kept in the row (on a GPU also kernels launched and the device-busy share)."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--configs", "cifar10-ipc1", "--steps-scale", "0.025", "--iterations", "1", "--warmup", "0"]
+    args += ["--no-isolate", "--no-check", "--device", "cpu"]
+    assert main([*args, "--engines", "exact;full", "--profile", "exact", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("profile exact @ cifar10-ipc1: wall "))
+    assert "convolution" in line  # the student's convolutions are among its top operators
+    assert printed.index("| cifar10-ipc1 | 10 x 2 | full |") < printed.index(line)  # under the table
+    exact, full = json.loads(out.read_text())["results"]
+    assert full["profile"] is None and exact["profile"]["device"] == "cpu" and exact["profile"]["wall_s"] > 0
+    assert len(exact["profile"]["top"]) == 12 and all(t["calls"] >= 1 for t in exact["profile"]["top"])
+    assert main([*args, "--engines", "exact", "--profile", "tesla"]) == 2
+    assert "--profile names engines not in --engines: tesla" in capsys.readouterr().err

@@ -85,6 +85,9 @@ def test_dry_run_runs_every_stage_into_at_most_8_files(tmp_path, session_cache_d
     engines += ["exact:precision=bfloat16", "full", "tesla"]
     assert [r["engine"] for r in bench["results"]] == engines  # the ENGINES default, split right
     assert all(r["mean_s"] > 0 and not r["error"] for r in bench["results"])
+    profiled = {r["engine"] for r in bench["results"] if r["profile"] is not None}
+    assert profiled == {"exact", "exact:graphs=on", "upstream-full"}  # the PROFILE default
+    assert "profile exact @ cifar10-ipc1: wall" in (out / "log.txt").read_text()
     experts = json.loads((out / "experts.json").read_text())
     assert experts["exit_code"] == 0
     assert [r["provider"] for r in experts["rows"]] == ["upstream-style", "datm_fast torch", "datm_fast torch bfloat16"]
