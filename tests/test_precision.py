@@ -235,6 +235,17 @@ def test_info_says_what_the_stages_run_in_and_what_torch_would(capsys):
         assert "matmul ieee, cuDNN conv ieee" in precision_summary()
 
 
+def test_every_command_takes_the_one_precision_option():
+    from datm_fast.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["eval", "run"], ["buffer", "--out", "b"], ["distill", "--config", "c", "--out", "o"]):
+        assert parser.parse_args([*argv, "--precision", "tf32"]).precision == "tf32", argv
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--precision", "fp16"])
+    assert parser.parse_args(["eval", "run", "--bf16"]).precision == "bfloat16"  # eval's earlier spelling
+
+
 # ----- on a GPU (run by benchmarks/gpu_session.sh) -----------------------------------------------------------
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

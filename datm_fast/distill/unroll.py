@@ -67,6 +67,7 @@ and is refused on several ranks. Batch norm cannot split a step: rank 0 then com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import mmap
@@ -151,8 +152,9 @@ class EngineOptions(Section):
     )
     graphs: Literal["off", "on"] = _placement(
         "off",
-        help="on: run each written-out inner step (exact, tesla) on static buffers and, on a GPU, capture it once "
-        "per run as a CUDA graph and replay it; off: launch every kernel (not yet measured on a GPU: off)",
+        help="on: run each written-out inner step (exact, tesla; the fused-block ConvNets in float32 or tf32) on "
+        "static buffers and, on a GPU, capture it once per run as a CUDA graph and replay it; off: launch every "
+        "kernel (not yet measured on a GPU: off)",
     )
     # Not a placement: bfloat16 changes the gradient by far more than rounding (tests/test_precision.py
     # measures it against float64), so a run does not resume under another precision.
@@ -327,7 +329,7 @@ class _Kernels:
         float32 or TF32 (bfloat16 runs through autograd, whose graph autocast casts)."""
         return self.explicit and self.fused and spec.norm_relu_pool_blocks and self.precision != "bfloat16"
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
         """Around the student's forward passes only (see :func:`datm_fast.precision.forward_autocast`)."""
         return forward_autocast(self.precision, self.device_type)
 

@@ -91,6 +91,8 @@ def add_parser(subparsers: Any) -> None:
         default="float32",
         help="float32: IEEE (TF32 off); tf32: TF32 convolutions/matmuls on GPUs (upstream's); bfloat16: autocast",
     )
+    # The option's earlier spelling, kept so that scripts written for it run as they did.
+    run.add_argument("--bf16", dest="precision", action="store_const", const="bfloat16", help=argparse.SUPPRESS)
     run.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the set, or ./eval_*.json)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_eval)
