@@ -207,6 +207,19 @@ def _check_entry(root: Path, index: str, entry: Any) -> None:
         raise ExpertBufferError(f"{path}: expert {index} has an invalid file name {name!r}")
 
 
+def _stored_problem(path: Path, entry: dict[str, Any], *, verify: bool, said_by: str) -> str | None:
+    """Why the file at ``path`` is not the one ``entry`` describes (missing, another size, with ``verify``
+    another sha256; ``said_by`` gave the entry), or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"has {size} bytes, {said_by} says {entry['bytes']}"
+    if verify and file_sha256(path) != entry["sha256"]:
+        return "does not match its checksum"
+    return None
+
+
 # ----- writing ------------------------------------------------------------------------------------------------
 def manifest_entry(file_entry: dict[str, Any], run_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """An expert's manifest entry: what :meth:`ExpertFiles.write` returned (the file's own entry, then
@@ -371,13 +384,7 @@ class BufferWriter:
         for key, entry in list(self.manifest["experts"].items()):
             _check_entry(self.root, key, entry)
             path = self.root / entry["file"]
-            problem = None
-            if not path.is_file():
-                problem = "is missing"
-            elif path.stat().st_size != entry["bytes"]:
-                problem = f"has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
-            elif verify and file_sha256(path) != entry["sha256"]:
-                problem = "does not match its checksum"
+            problem = _stored_problem(path, entry, verify=verify, said_by="the manifest")
             if problem is None:
                 done.add(int(key))
             else:
@@ -430,8 +437,9 @@ class BufferWriter:
         ``run_info`` (e.g. the training time) goes into the manifest only, not into the file, so that
         the file's bytes depend on what was trained alone and are the same in every run that trains it.
         """
-        self.record({index: manifest_entry(self.files.write(index, trajectory, info), run_info)})
-        return self.manifest["experts"][str(index)]
+        entry = manifest_entry(self.files.write(index, trajectory, info), run_info)
+        self._list({index: entry})  # written just now by this process: its size and sha256 are the bytes'
+        return entry
 
     def record(self, entries: dict[int, dict[str, Any]]) -> None:
         """List expert files that another process of this job wrote (:class:`ExpertFiles`) in the manifest,
@@ -442,17 +450,17 @@ class BufferWriter:
             path = self.root / entry["file"]
             if entry["file"] != expert_filename(index):
                 raise ExpertBufferError(f"{path}: reported for expert {index}, whose file is {expert_filename(index)}")
-            if not path.is_file():
+            problem = _stored_problem(path, entry, verify=True, said_by="its writer")
+            if problem == "is missing":
                 raise ExpertBufferError(
                     f"{path}: missing, though its writer reported it written (is {self.root} one directory that "
                     "every rank sees?)"
                 )
-            size = path.stat().st_size
-            if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
-                raise ExpertBufferError(
-                    f"{path}: {size} bytes, sha256 {file_sha256(path)[:16]}...; its writer reported {entry['bytes']} "
-                    f"bytes, sha256 {str(entry['sha256'])[:16]}...: changed since it was written"
-                )
+            if problem is not None:
+                raise ExpertBufferError(f"{path}: {problem}, though its writer reported it written: changed since")
+        self._list(entries)
+
+    def _list(self, entries: dict[int, dict[str, Any]]) -> None:
         for index, entry in entries.items():
             self.manifest["experts"][str(index)] = entry
         self._save_manifest()
