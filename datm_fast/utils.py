@@ -18,7 +18,7 @@ import types
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -28,6 +28,7 @@ __all__ = [
     "available_memory_bytes",
     "check_writable",
     "exclusive_lock",
+    "locked_file",
     "dataclass_arguments",
     "dataclass_from_arguments",
     "default_cache_dir",
@@ -82,6 +83,24 @@ class DirectoryLocked(RuntimeError):
     """Another process holds a directory's lock (:func:`exclusive_lock`)."""
 
 
+def locked_file(path: str | os.PathLike[str], *, shared: bool = False) -> IO[str]:
+    """``path`` opened (``"a+"``, created if missing) and ``flock``-ed without waiting, exclusively or
+    ``shared``; the lock lives as long as the file is open, and the OS frees it when the process dies
+    (``kill -9`` included). Raises ``BlockingIOError`` (the file closed) while another process holds it in
+    a conflicting mode. Where ``flock`` is missing (Windows) the file is returned unlocked."""
+    f = open(path, "a+")
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks
+        return f
+    try:
+        fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise
+    return f
+
+
 def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Any:
     """An open file holding an exclusive ``flock`` on ``directory/.lock``, for one writer at a time.
 
@@ -92,17 +111,10 @@ def exclusive_lock(directory: str | os.PathLike[str], what: str) -> Any:
     missing (Windows) nothing is locked.
     """
     path = Path(directory) / ".lock"
-    f = open(path, "a+")  # held open (and locked) for the writer's lifetime
     try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; one writer per directory is then up to the user
-        return f
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f = locked_file(path)  # held open (and locked) for the writer's lifetime
     except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
+        holder = path.read_text().strip() or "another process"
         raise DirectoryLocked(
             f"{directory}: {holder} is writing this {what} (it holds {path}); wait for it to finish or write to "
             "another directory"

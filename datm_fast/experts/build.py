@@ -16,7 +16,7 @@ from ..backends import Backend
 from ..data import DataSpec, ImageDataset
 from ..distributed import SINGLE, Distributed, OtherRankFailed
 from ..models import ConvNetSpec
-from ..utils import resolve_device
+from ..utils import locked_file, resolve_device
 from .buffer import (
     BufferWriter,
     ExpertBuffer,
@@ -394,18 +394,12 @@ def _ranks_lock(root: Path, *, shared: bool) -> IO[str] | None:
     killed process, so a dead job never blocks the next. Where ``flock`` is missing (Windows) nothing
     is locked.
     """
-    try:
-        import fcntl
-    except ImportError:
-        return None
     path = root / _RANKS_LOCK
     if not shared and not path.exists():  # no job of several ranks ever wrote here
         return None
-    f = open(path, "a+")
     try:
-        fcntl.flock(f.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        f = locked_file(path, shared=shared)
     except BlockingIOError:
-        f.close()
         raise ExpertBufferError(
             f"{root}: ranks of another job still write expert files here (they hold {path}); wait until they "
             "have exited, or write to another directory"
