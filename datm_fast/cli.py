@@ -179,8 +179,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _profile_line(config: str, engine: str, profile: dict[str, Any]) -> str:
-    """One profiled row in words: ``profile exact @ cifar10-ipc10: 9,120 kernels, device busy 0.21 of 0.48 s
-    (44%); top: name 12.3 ms x 640, ...``."""
+    """One profiled row in words: ``profile exact @ cifar10-ipc10: wall 0.480 s; 9,120 kernels, device busy
+    0.210 s (44%); top: name 12.3 ms x 640, ...`` (kernels and busy time on a GPU only)."""
     parts = [f"profile {engine} @ {config}: wall {profile['wall_s']:.3f} s"]
     if "kernels" in profile:
         share = profile.get("device_busy_share")

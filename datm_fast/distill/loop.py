@@ -576,12 +576,6 @@ def _plan_digest(plan: UnrollPlan) -> str:
 
 
 # ----- what the ranks agree on -------------------------------------------------------------------------
-def _data_identity(data: ImageDataset) -> tuple[str, str]:
-    """The dataset's name and :meth:`~datm_fast.data.ImageDataset.identity` (its content and derivations:
-    copies at other paths agree): what the ranks must agree on."""
-    return data.name, data.identity()
-
-
 def _experts_identity(experts: Trajectories) -> Any:
     """The buffer's manifest identity and its experts' file checksums (an ExpertBuffer with a manifest),
     else a hash of the first and last checkpoints of its first and last experts."""
@@ -658,7 +652,8 @@ def distill(
     m = config.matching
     if distributed.active:  # before anything that could fail on some ranks only because of them
         distributed.agree("the config", config.to_dict())
-        distributed.agree("the dataset", _data_identity(data))
+        # Its content and derivations (ImageDataset.identity): copies at other paths agree.
+        distributed.agree("the dataset", (data.name, data.identity()))
     experts = _selected(experts, m.max_files, m.max_experts)  # the same on every rank, given the same config
     if distributed.active:
         distributed.agree("the expert buffer", _experts_identity(experts))

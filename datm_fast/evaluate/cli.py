@@ -118,18 +118,6 @@ def _split_files(paths: list[Path]) -> tuple[Path, Path, Path | None]:
     return found["images"], found["labels"], found.get("lr")
 
 
-def _dataset_summary(dataset: Any) -> dict[str, Any]:
-    """What the ranks must share about the loaded data: its identity (content and derivations, the same
-    for copies at other paths; a ZCA is named by its parameters, not by the last bits of a fit made on
-    each machine) and sizes."""
-    return {
-        "name": dataset.name,
-        "identity": dataset.identity(),
-        "train": tuple(dataset.train_images.shape),
-        "test": tuple(dataset.test_images.shape),
-    }
-
-
 def _agree_on(distributed: Distributed, what: str, values: dict[str, Any]) -> None:
     """The ranks agree on each of ``values`` (``what``'s fields), naming the first that differs."""
     distributed.agree_each({f"{what}'s {k}": v for k, v in values.items()})
@@ -218,7 +206,7 @@ def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distr
         lr = args.lr if args.lr is not None else BASELINE_LR
         agree_on_inputs(data, models, lr, None)
         dataset, _ = data.load(cache_dir=args.cache_dir)
-        _agree_on(distributed, "the dataset", _dataset_summary(dataset))
+        distributed.agree("the dataset", (dataset.name, dataset.identity()))
         results = []
         for m in models:
             cfg = config.replace(model=m)
@@ -270,7 +258,7 @@ def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distr
         _check_writable_on_rank0(distributed, Path(out).parent)  # a read-only place fails now, not after training
         agree_on_inputs(data, models, lr, tensor_digest(synset.images, synset.labels))
         dataset, _ = data.load(root=args.data_root, cache_dir=args.cache_dir)
-        _agree_on(distributed, "the dataset", _dataset_summary(dataset))
+        distributed.agree("the dataset", (dataset.name, dataset.identity()))
         results = evaluate_models(
             synset.images,
             synset.labels,
