@@ -14,6 +14,8 @@ Providers:
     functional           datm_fast's functional engine (stacked parameters, functional_call; vmap over runs)
     functional+compile   the same with ``EvalConfig(compile=True)``
     ...+tf32, ...+bfloat16   any of ours in that precision (``EvalConfig.precision``; default float32: IEEE)
+    functional+graphs    each batch shape's training step as a CUDA graph (``EvalConfig(graphs="on")``;
+                         the capture is timed in each call)
 
 Shared 2-core machines are noisy (the same epoch varies 4x with the host's load): every provider is
 timed in turn, several times, and the minimum is reported beside the median.
@@ -93,7 +95,14 @@ def make_runner(provider: str, ipc: int, device: torch.device, passes: int, runs
     data = TrainSet(images, F.softmax(logits, 1))
     options = provider.split("+")[1:]  # "functional+compile+tf32": torch.compile, TF32 (datm_fast.precision)
     precision = next((o for o in options if o in PRECISIONS), "float32")
-    cfg = EvalConfig(runs=runs, epochs=passes - 1, batch_size=batch, compile="compile" in options, precision=precision)
+    cfg = EvalConfig(
+        runs=runs,
+        epochs=passes - 1,
+        batch_size=batch,
+        compile="compile" in options,
+        precision=precision,
+        graphs="on" if "graphs" in options else "off",
+    )
     g = torch.Generator().manual_seed(1)
     tx, ty = images[:2], torch.zeros(2, dtype=torch.long, device=device)
 

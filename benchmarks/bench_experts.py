@@ -135,7 +135,8 @@ def make_runner(provider: str, ds: ImageDataset, optimizer: str, device: torch.d
     backend = provider.split()[1]
     channels_last = "NCHW" not in provider
     k = int(provider.split("K=")[1].split()[0]) if "K=" in provider else 1
-    trainer = ExpertTrainer(ds, SPEC, cfg, device=device, backend=backend, channels_last=channels_last)
+    graphs = "graphs" in provider.split()  # each train() call captures its steps once, then replays them
+    trainer = ExpertTrainer(ds, SPEC, cfg, device=device, backend=backend, channels_last=channels_last, graphs=graphs)
 
     def run() -> None:
         trainer.train(list(range(k)))
@@ -146,7 +147,8 @@ def make_runner(provider: str, ds: ImageDataset, optimizer: str, device: torch.d
 
 PROVIDERS = ("upstream-style", "datm_fast torch", "datm_fast cpp", "datm_fast cpp K=2")
 #: Also understood by --providers: "datm_fast torch NCHW", "datm_fast cpp NCHW", "datm_fast cuda K=8", and a
-#: precision word: "datm_fast cuda K=8 tf32", "datm_fast cuda bfloat16" (default float32: IEEE, TF32 off).
+#: precision word: "datm_fast cuda K=8 tf32", "datm_fast cuda bfloat16" (default float32: IEEE, TF32 off), and
+#: "graphs": each step as a CUDA graph, "datm_fast cuda K=8 graphs" (the capture is timed in each epoch's call).
 
 
 def measure(providers: list[str], optimizer: str, device: torch.device, images: int, repeats: int) -> list[dict]:

@@ -22,9 +22,9 @@
 #                            engines, each its own process (about 150:      process (3)
 #                            the cap cuts IPC 10's full and tesla)
 #   5  experts      45   20  bench_experts.py, GSAM, 10,000 images, float32, 128 images, one repeat (5)
-#                            tf32 and bfloat16 (30)
-#   6  evaluate     75   20  bench_evaluate.py, 3 precisions, torch.compile IPC 1, one repeat (5)
-#                            included (60)
+#                            tf32, graphs, bfloat16, two repeats (30)
+#   6  evaluate     75   20  bench_evaluate.py, 3 precisions, graphs,  IPC 1, one repeat (5)
+#                            torch.compile included (60)
 #   7  reproduce   300  220  datm-fast reproduce --preset gpu-check (226)   --preset tiny --ipcs 1 (8-15)
 #   8  wheel       150   60  pip wheel (8.0;9.0) -> fresh venv -> info (65) pure-Python wheel, same (8)
 #
@@ -412,11 +412,12 @@ stage_engines() {
 }
 
 stage_experts() {
-  # Timed round robin and printed at the end: a cut stage prints nothing, so four providers only.
-  local args=(--device cuda --images 10000 --repeats 3 --providers upstream-style "datm_fast cuda K=8"
-    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 bfloat16")
+  # Timed round robin and printed at the end: a cut stage prints nothing, so five providers, two repeats.
+  local args=(--device cuda --images 10000 --repeats 2 --providers upstream-style "datm_fast cuda K=8"
+    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 graphs" "datm_fast cuda K=8 bfloat16")
   if ((DRY)); then
-    args=(--device cpu --images 128 --repeats 1 --providers upstream-style "datm_fast torch" "datm_fast torch bfloat16")
+    args=(--device cpu --images 128 --repeats 1 --providers upstream-style "datm_fast torch"
+      "datm_fast torch graphs" "datm_fast torch bfloat16")
   fi
   args+=(--optimizer gsam --markdown)
   tmo "$PY" benchmarks/bench_experts.py "${args[@]}"
@@ -431,8 +432,8 @@ stage_experts() {
 stage_evaluate() {
   # The 5 x IPC 1000 rows (GPU only) in priority order; each is written as soon as it is measured.
   local args=(--ipc 10 --providers "upstream,functional,functional+tf32,functional+bfloat16" --repeats 3
-    --ipc1000-providers "functional+tf32,functional+bfloat16,functional+compile+tf32,functional")
-  if ((DRY)); then args=(--ipc 1 --providers "upstream,functional,functional+bfloat16" --repeats 1); fi
+    --ipc1000-providers "functional+tf32,functional+graphs+tf32,functional+bfloat16,functional+compile+tf32,functional")
+  if ((DRY)); then args=(--ipc 1 --providers "upstream,functional,functional+graphs,functional+bfloat16" --repeats 1); fi
   # --device is being added to the script by another change: pass it only where this version has it.
   local help
   help=$(tmo "$PY" benchmarks/bench_evaluate.py --help 2>&1)

@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from .augment import DSAConfig
-from .distill.step_graphs import StepGraphs
 from .distill.unroll import EngineOptions, trajectory_matching_loss
 from .models import ConvNetSpec, init_flat_params
 from .reference.upstream_unroll import upstream_full_iteration, upstream_minibatches, upstream_tesla_iteration
+from .step_graphs import StepGraphs
 from .utils import peak_rss_bytes
 
 __all__ = [

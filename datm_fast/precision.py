@@ -95,9 +95,12 @@ def precision_scope(precision: Precision) -> Iterator[None]:
 
 def forward_autocast(precision: Precision, device_type: str) -> contextlib.AbstractContextManager[object]:
     """bfloat16 autocast on ``device_type`` for ``precision == "bfloat16"``, else nothing (the
-    datm_fast ops follow it: :func:`datm_fast.ops.conv2d` in bfloat16, the fused block in float32)."""
+    datm_fast ops follow it: :func:`datm_fast.ops.conv2d` in bfloat16, the fused block in float32).
+
+    The cast cache is off: a CUDA graph cannot capture a forward under a caching autocast (PyTorch's
+    CUDA-graph notes), and every weight is cast once per forward in our networks, so it saves nothing."""
     if check_precision("forward_autocast", precision) == "bfloat16":
-        return torch.autocast(device_type, dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
     return contextlib.nullcontext()
 
 

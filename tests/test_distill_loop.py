@@ -22,8 +22,8 @@ from datm_fast.distill.loop import (
     initialize_synthetic_set,
 )
 from datm_fast.distill.rundir import RunDir, RunDirError
-from datm_fast.distill.step_graphs import StaticStep
 from datm_fast.models import convnet_forward, convnet_spec_from_name, init_flat_params
+from datm_fast.step_graphs import StaticStep
 
 
 class TensorTrajectories:

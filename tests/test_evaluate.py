@@ -555,6 +555,57 @@ def test_cuda_vectorised_equals_one_at_a_time():
     assert vec.train_losses == pytest.approx(one.train_losses, rel=1e-3)
 
 
+# ----- static steps (graphs="on") ---------------------------------------------------------------------
+class _CountingGraphs(engine.StepGraphs):
+    """StepGraphs that counts the static steps it builds and the calls made through them."""
+
+    built: list[tuple] = []
+    calls = 0
+
+    def step(self, key, owner, build, example):
+        found = super().step(key, owner, build, example)
+        if key not in _CountingGraphs.built:
+            _CountingGraphs.built.append(key)
+
+        def call(**values):
+            _CountingGraphs.calls += 1
+            return found(**values)
+
+        return call
+
+
+@pytest.mark.parametrize("runs, parallel, soft", [(1, 1, False), (3, 3, True), (3, 2, False)])
+def test_static_step_training_equals_eager(monkeypatch, runs, parallel, soft):
+    """graphs='on' trains through StaticStep (on CPU: its function on its buffers, all but the capture
+    call): every step goes through it, one step per batch shape, and the runs equal the eager ones bit
+    for bit, with DSA, soft labels, a last partial batch, the lr decay and groups of runs."""
+    monkeypatch.setattr(engine, "StepGraphs", _CountingGraphs)
+    _CountingGraphs.built, _CountingGraphs.calls = [], 0
+    x, y = _toy(11)
+    labels = torch.randn(11, 4, generator=_gen(5)).softmax(1) if soft else y
+    tx, ty = _toy(10, seed=3)
+    cfg = EvalConfig(model=SMALL, runs=runs, epochs=3, batch_size=4, parallel_runs=parallel, compile=False)
+    eager = evaluate_synset(x, labels, 0.01, tx, ty, cfg, generator=_gen(), progress=False)
+    assert _CountingGraphs.calls == 0
+    static = evaluate_synset(x, labels, 0.01, tx, ty, cfg.replace(graphs="on"), generator=_gen(), progress=False)
+    groups = -(-runs // parallel)
+    assert _CountingGraphs.calls == groups * cfg.num_passes * 3  # 11 images in batches of 4: 3 steps a pass
+    assert {key[1][1] for key in _CountingGraphs.built} == {4, 3}  # a full and the last partial batch
+    assert static.train_losses == eager.train_losses and static.accuracies == eager.accuracies
+
+
+def test_graphs_option_rules():
+    with pytest.raises(ValueError, match="EvalConfig.graphs must be 'off' or 'on'"):
+        EvalConfig(graphs="auto")
+    with pytest.raises(ValueError, match="compile=True and graphs='on'"):
+        EvalConfig(graphs="on", compile=True)
+    assert not EvalConfig(graphs="on").should_compile("cpu", 10**6)  # auto stays eager under graphs
+    x, y = _toy(4)
+    cfg = EvalConfig(model="ConvNetBN", epochs=0, runs=1, graphs="on")
+    with pytest.warns(RuntimeWarning, match="graphs='on' applies to the functional engine; ConvNetBN"):
+        evaluate_synset(x, y, 0.01, x, y, cfg, generator=_gen(), progress=False)
+
+
 # ----- compiling ----------------------------------------------------------------------------------------
 def test_compile_rule():
     auto = EvalConfig()
@@ -591,3 +642,16 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         fallback = evaluate_synset(x, y, 0.01, tx, ty, cfg.replace(compile=True), generator=_gen(), progress=False)
     eager = evaluate_synset(x, y, 0.01, tx, ty, cfg.replace(compile=False), generator=_gen(), progress=False)
     assert fallback.train_losses == eager.train_losses
+
+
+@cuda_only
+def test_cuda_graphs_equal_eager_training():
+    """The captured training step (one CUDA graph per batch shape, replayed) trains the runs as the eager
+    step does: DSA and the update stay eager around it, so only the capture itself is new here."""
+    x, y = _toy(70)
+    tx, ty = _toy(32, seed=3)
+    cfg = EvalConfig(model=SMALL, runs=3, epochs=4, batch_size=16, parallel_runs=3)
+    eager = evaluate_synset(x, y, 0.01, tx, ty, cfg, generator=_gen(), device="cuda", progress=False)
+    graphs = evaluate_synset(x, y, 0.01, tx, ty, cfg.replace(graphs="on"), generator=_gen(), device="cuda")
+    assert graphs.train_losses == pytest.approx(eager.train_losses, rel=1e-5)
+    assert graphs.accuracies == pytest.approx(eager.accuracies, abs=1 / 32)

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cuda_only
 from safetensors.torch import load_file
 
 import datm_fast
+import datm_fast.step_graphs as step_graphs_module
 from datm_fast.augment import apply_dsa, sample_dsa_params
 from datm_fast.data import DataSpec, ImageDataset, subset_dataset
 from datm_fast.experts import (
@@ -218,6 +220,29 @@ def test_batched_experts_equal_one_at_a_time(optimizer):
         assert a.train_acc == pytest.approx(b.train_acc, abs=1.5 / 96)
         assert a.test_acc == pytest.approx(b.test_acc, abs=1.5 / 40)
     assert not torch.equal(together[0].trajectory[0], together[1].trajectory[0])  # experts differ
+
+
+@pytest.mark.parametrize("optimizer, backend", [("gsam", CPU_BACKENDS[-1]), ("sgd", "torch")])
+def test_static_step_training_equals_eager(monkeypatch, optimizer, backend):
+    """graphs=True trains through StaticStep (on CPU: its function on its buffers, all but the capture
+    call), one step per batch shape, every step through it, and gives the eager trajectories bit for bit."""
+    calls: list[tuple] = []
+    original = step_graphs_module.StaticStep.__call__
+
+    def counted(self, **values):
+        calls.append(tuple(values["x"].shape))
+        return original(self, **values)
+
+    monkeypatch.setattr(step_graphs_module.StaticStep, "__call__", counted)
+    ds = toy_dataset(n_train=80)
+    momentum = 0.5 if optimizer == "sgd" else 0.0
+    cfg = ExpertConfig(epochs=2, batch_size=32, optimizer=optimizer, lr=0.05, momentum=momentum, seed=3)
+    eager = ExpertTrainer(ds, TINY, cfg, backend=backend).train([2, 5])
+    assert not calls
+    static = ExpertTrainer(ds, TINY, cfg, backend=backend, graphs=True).train([2, 5])
+    assert len(calls) == 2 * 3 and {shape[0] for shape in calls} == {32, 16}  # 80 = 32 + 32 + 16; (b, K * C, H, W)
+    for a, b in zip(eager, static):
+        assert torch.equal(a.trajectory, b.trajectory) and a.train_acc == b.train_acc and a.test_acc == b.test_acc
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -606,3 +631,16 @@ def test_import_does_not_initialise_cuda():
     code = "import torch, datm_fast.experts, datm_fast.experts.cli; print(torch.cuda.is_initialized())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert out.stdout.strip() == "False", out.stderr
+
+
+@cuda_only
+def test_cuda_graphs_equal_eager_experts():
+    """The captured GSAM step (a CUDA graph per batch shape, replayed) trains the experts the eager step
+    does: DSA and the SGD update stay eager around it."""
+    ds = toy_dataset(n_train=80)
+    cfg = ExpertConfig(epochs=2, batch_size=32, lr=0.05, seed=3)
+    eager = ExpertTrainer(ds, TINY, cfg, device="cuda").train([2, 5])
+    static = ExpertTrainer(ds, TINY, cfg, device="cuda", graphs=True).train([2, 5])
+    for a, b in zip(eager, static):
+        moved = (a.trajectory - a.trajectory[0]).norm(dim=1)[1:]
+        assert ((a.trajectory - b.trajectory).norm(dim=1)[1:] <= 1e-4 * moved).all()

@@ -90,12 +90,18 @@ def test_dry_run_runs_every_stage_into_at_most_8_files(tmp_path, session_cache_d
     assert "profile exact @ cifar10-ipc1: wall" in (out / "log.txt").read_text()
     experts = json.loads((out / "experts.json").read_text())
     assert experts["exit_code"] == 0
-    assert [r["provider"] for r in experts["rows"]] == ["upstream-style", "datm_fast torch", "datm_fast torch bfloat16"]
+    assert [r["provider"] for r in experts["rows"]] == [
+        "upstream-style",
+        "datm_fast torch",
+        "datm_fast torch graphs",
+        "datm_fast torch bfloat16",
+    ]
     assert all(r["s_per_cifar10_epoch"] > 0 for r in experts["rows"])
     evaluate = json.loads((out / "evaluate.json").read_text())
     assert evaluate["exit_code"] == 0 and {r["provider"] for r in evaluate["rows"]} == {
         "upstream",
         "functional",
+        "functional+graphs",
         "functional+bfloat16",
     }
     wheel = stages["_session"]["wheel"]

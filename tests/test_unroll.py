@@ -15,7 +15,6 @@ from conv_count import ConvCalls
 
 from datm_fast.augment import DSAConfig, apply_dsa
 from datm_fast.distill import estimate_full_unroll_bytes, make_unroll_plan, trajectory_matching_loss
-from datm_fast.distill.step_graphs import StaticStep, StepGraphs
 from datm_fast.models import ConvNet, ConvNetSpec, init_flat_params
 from datm_fast.reference.upstream_unroll import (
     ParamDiffAug,
@@ -23,6 +22,7 @@ from datm_fast.reference.upstream_unroll import (
     upstream_full_iteration,
     upstream_tesla_iteration,
 )
+from datm_fast.step_graphs import StaticStep, StepGraphs
 
 unroll_module = importlib.import_module("datm_fast.distill.unroll")  # the package attribute is the function
 

@@ -55,11 +55,11 @@ from ..data import DataSpec, ImageDataset, Transform
 from ..distributed import SINGLE, Distributed, on_every_rank, on_main
 from ..models import ConvNetSpec, convnet_forward, convnet_spec_from_name
 from ..precision import precision_scope
+from ..step_graphs import StepGraphs
 from ..utils import available_memory_bytes, peak_rss_bytes, resolve_device, tensor_digest
 from .config import DistillConfig, eval_iterations, sample_start_epoch, validate_against
 from .loggers import MetricsLogger, check_logger_names, make_loggers
 from .rundir import RunDir, RunRecord, SyntheticSet
-from .step_graphs import StepGraphs
 from .unroll import UnrollPlan, least_unroll_bytes, make_unroll_plan, trajectory_matching_loss
 
 __all__ = [

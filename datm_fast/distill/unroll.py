@@ -85,9 +85,9 @@ from ..distributed import Distributed
 from ..models import ConvNetSpec, convnet_apply, flatten_params, unflatten_params
 from ..ops import conv2d, matching_loss, soft_cross_entropy
 from ..precision import Precision, forward_autocast, precision_scope
+from ..step_graphs import StaticStep, StepGraphs
 from .explicit_step import gradient, reverse_step
 from .settings import Section, above, at_least, setting
-from .step_graphs import StaticStep, StepGraphs
 
 __all__ = [
     "EngineOptions",
@@ -909,7 +909,7 @@ def trajectory_matching_loss(
         syn_steps, batch_syn, augment, generator, host_generator: draw the plan (see
             :func:`make_unroll_plan`) when ``plan`` is not given.
         plan: a pre-drawn :class:`UnrollPlan` (then the five arguments above are not needed).
-        step_graphs: the static steps of the run (:class:`~datm_fast.distill.step_graphs.StepGraphs`), kept
+        step_graphs: the static steps of the run (:class:`~datm_fast.step_graphs.StepGraphs`), kept
             across calls so that ``graphs="on"`` captures each step once per run; default: a new one per
             call (captured at every call).
         distributed: the ranks that share the unroll's work (``exact``, ``tesla``; see the module's

@@ -18,6 +18,10 @@ one flat vector fed to :func:`datm_fast.models.convnet_forward`: the flat vector
 zero-filled vector of all parameters per parameter tensor (14 per ConvNet step) and sums them,
 measured 10-25% slower per CPU epoch at IPC 10 and never faster.
 
+``EvalConfig.graphs="on"`` computes each batch's losses and gradients in the functional engine as a
+static step (:mod:`datm_fast.step_graphs`): one CUDA graph per batch shape, replayed at every step of a
+group, with DSA and the SGD update left eager around it.
+
 Everything stays on the device: the set, the test split, batch order (``randperm`` with a device
 generator) and DSA values; the DSA op group is drawn from a CPU generator, so no step waits for the
 device. The host reads results once per group, at the end.
@@ -37,7 +41,8 @@ from torch.func import functional_call
 
 from ..augment import DSAParams, apply_dsa, sample_dsa_params
 from ..models import get_network
-from ..precision import forward_autocast, precision_scope
+from ..precision import Precision, forward_autocast, precision_scope
+from ..step_graphs import StepGraphs
 from .config import EvalConfig
 from .losses import train_loss
 
@@ -269,6 +274,17 @@ def _test_stack(st: _Stack, k: int, test_x: Tensor, test_y: Tensor, batch: int) 
     return correct
 
 
+def _losses_and_grads(
+    loss_fn: LossFn, params: list[Tensor], x: Tensor, y: Tensor, precision: Precision, device_type: str
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The runs' mean losses ``(k,)`` on one batch and their gradients: the step that ``graphs="on"``
+    captures. It changes nothing (the SGD update is the caller's), so a capture's warm-up calls leave
+    the runs where they were."""
+    with forward_autocast(precision, device_type):
+        losses = loss_fn(params, x, y)
+    return losses.detach(), torch.autograd.grad(losses.sum(), params)
+
+
 def _train_stack(
     st: _Stack,
     data: TrainSet,
@@ -278,7 +294,12 @@ def _train_stack(
     device: torch.device,
     tick: Callable[[int], None],
 ) -> Tensor:
-    """Train the ``k = len(rngs)`` runs of ``st`` in place; returns the last pass's mean losses ``(k,)``."""
+    """Train the ``k = len(rngs)`` runs of ``st`` in place; returns the last pass's mean losses ``(k,)``.
+
+    ``config.graphs == "on"``: each batch's losses and gradients are a static step (a CUDA graph on a GPU,
+    one per batch shape; the same function on its buffers elsewhere), reading the augmented batch from
+    buffers and the parameters from their own storage, which the update changes in place.
+    """
     k, n, bs = len(rngs), data.n, config.batch_size
     _, h, w = data.image_shape
     params = st.params
@@ -286,6 +307,12 @@ def _train_stack(
     steps = config.num_passes * -(-n // bs)
     loss_fn = _group_loss_fn(st, k, config.should_compile(device.type, steps))
     loss_sum = torch.zeros(k, dtype=torch.float32, device=device)
+    graphs = StepGraphs() if config.graphs == "on" else None
+    owner = tuple(p.data_ptr() for p in params)
+
+    def build() -> Callable[..., tuple[Tensor, tuple[Tensor, ...]]]:
+        return lambda x, y: _losses_and_grads(loss_fn, params, x, y, config.precision, device.type)
+
     st.base.train()
     for ep in range(config.num_passes):
         lr_ep = config.lr_at(ep, lr)
@@ -299,16 +326,18 @@ def _train_stack(
             b = idx.shape[1]
             if config.dsa is not None:
                 xb = _dsa_runs(xb, _draw_dsa(config, rngs, b, h, w, device))
-            with forward_autocast(config.precision, device.type):
-                losses = loss_fn(params, xb, yb)
-            grads = list(torch.autograd.grad(losses.sum(), params))
+            if graphs is None:
+                losses, grads = _losses_and_grads(loss_fn, params, xb, yb, config.precision, device.type)
+            else:
+                step = graphs.step(("train", tuple(xb.shape), yb.dtype), owner, build, {"x": xb, "y": yb})
+                losses, grads = step(x=xb, y=yb)  # a graph's own outputs: used before the next call
             with torch.no_grad():
                 # torch.optim.SGD's arithmetic, op for op (dampening 0, no Nesterov), so the engines agree.
-                torch._foreach_add_(grads, params, alpha=config.weight_decay)
+                decayed = torch._foreach_add(grads, params, alpha=config.weight_decay)
                 torch._foreach_mul_(bufs, config.momentum)
-                torch._foreach_add_(bufs, grads)
+                torch._foreach_add_(bufs, decayed)
                 torch._foreach_add_(params, bufs, alpha=-lr_ep)
-                loss_sum.add_(losses.detach(), alpha=b)
+                loss_sum.add_(losses, alpha=b)
         tick(k)
     return loss_sum / n
 
@@ -442,6 +471,13 @@ def _train_and_test(model, num_classes, data, lr, test_x, test_y, config, rngs, 
         )
     correct: list[Tensor] = []
     losses: list[Tensor] = []
+    if not functional and config.graphs == "on":
+        warnings.warn(
+            f"EvalConfig.graphs='on' applies to the functional engine; {model} trains in the module engine "
+            "(batch norm or dropout), eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if not functional:
         for r, rng in enumerate(rngs):
             cor, loss = _train_test_module(

@@ -91,6 +91,12 @@ def add_parser(subparsers: Any) -> None:
         default="float32",
         help="float32: IEEE (TF32 off); tf32: TF32 convolutions/matmuls on GPUs (upstream's); bfloat16: autocast",
     )
+    run.add_argument(
+        "--graphs",
+        choices=("off", "on"),
+        default="off",
+        help="capture each batch shape's training step as a CUDA graph and replay it (functional engine; GPUs)",
+    )
     # The option's earlier spelling, kept so that scripts written for it run as they did.
     run.add_argument("--bf16", dest="precision", action="store_const", const="bfloat16", help=argparse.SUPPRESS)
     run.add_argument("--out", type=Path, default=None, help="results JSON (default: beside the set, or ./eval_*.json)")
@@ -179,6 +185,7 @@ def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distr
         parallel_runs=args.parallel_runs,
         compile={"auto": "auto", "on": True, "off": False}[args.compile],
         precision=args.precision,
+        graphs=args.graphs,
     )
     meta: dict[str, Any] = {"seed": args.seed}
 

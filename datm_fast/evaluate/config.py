@@ -94,6 +94,9 @@ class EvalConfig:
     # float32: IEEE (TF32 off); tf32: TF32 convolutions and matmuls on GPUs (upstream's numerics: PyTorch's
     # default for cuDNN convolutions); bfloat16: autocast forward/backward. See datm_fast.precision.
     precision: Precision = "float32"
+    # on: the functional engine's training gradient as a CUDA graph per batch shape (datm_fast.step_graphs),
+    # replayed at every step; off until a GPU measurement says it wins. Results are the same either way.
+    graphs: Literal["off", "on"] = "off"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -114,6 +117,13 @@ class EvalConfig:
         if not isinstance(self.compile, bool) and self.compile != "auto":
             raise ValueError(f"EvalConfig.compile must be True, False or 'auto', got {self.compile!r}")
         check_precision("EvalConfig", self.precision)
+        if self.graphs not in ("off", "on"):
+            raise ValueError(f"EvalConfig.graphs must be 'off' or 'on', got {self.graphs!r}")
+        if self.graphs == "on" and self.compile is True:
+            raise ValueError(
+                "EvalConfig: compile=True and graphs='on' each replace the eager training step; choose one "
+                "(compile='auto' stays eager under graphs='on')"
+            )
 
     # ----- the schedule ---------------------------------------------------------------------------
     @property
@@ -145,11 +155,12 @@ class EvalConfig:
         ``compile=True``/``False`` decide; ``"auto"`` compiles on CPU when ``steps >= 500``: compiling
         takes 5-20 s once (less when the on-disk cache has it), then each CIFAR ConvNet epoch is
         1.6-1.7x faster on 2 cores (0.256 -> 0.158 s at IPC 10, 1.27 -> 0.75 s at IPC 50), so it pays
-        for itself within about 500 steps. ``"auto"`` stays eager on GPUs, where it is not measured yet.
+        for itself within about 500 steps. ``"auto"`` stays eager on GPUs, where it is not measured yet,
+        and under ``graphs="on"``, whose captured step is the eager one.
         """
         if self.compile != "auto":
             return bool(self.compile)
-        return device_type == "cpu" and steps >= 500
+        return self.graphs == "off" and device_type == "cpu" and steps >= 500
 
     def replace(self, **changes: Any) -> EvalConfig:
         """A copy with some fields changed, validated again."""

@@ -85,6 +85,7 @@ def build_buffer(
     device: Union[str, torch.device, None] = None,
     experts_per_batch: int | None = None,
     backend: Backend = "auto",
+    graphs: bool = False,
     progress: bool = False,
     verify_existing: bool = True,
     distributed: Distributed = SINGLE,
@@ -99,7 +100,8 @@ def build_buffer(
 
     ``data_spec``: how ``dataset`` was made (:meth:`DataSpec.load`); the manifest records it, so that a
     distillation from the buffer rebuilds the same data (``ExpertBuffer.data_spec``).
-    ``backend``: of the fused ConvNet block, see :class:`~datm_fast.experts.ExpertTrainer`.
+    ``backend``: of the fused ConvNet block, and ``graphs``: each step as a CUDA graph (the same experts),
+    see :class:`~datm_fast.experts.ExpertTrainer`.
     ``progress=True`` shows a tqdm bar (experts, epoch, ETA, current test accuracy) on stderr.
 
     ``distributed``: the processes of a ``torchrun`` job (:func:`datm_fast.distributed.from_environment`), every
@@ -167,7 +169,7 @@ def build_buffer(
         started = time.perf_counter()
         mine = tuple(distributed.mine(plan.todo))
         reported = _train(
-            distributed, writer, root, header, dataset, spec, config, dev, backend, per, plan, mine, progress
+            distributed, writer, root, header, dataset, spec, config, dev, backend, graphs, per, plan, mine, progress
         )
         # Every rank has written its files (the pulses ended only once no rank trains): rank 0 checks and lists
         # them, and no rank returns before the manifest is final (_all_fine is the barrier).
@@ -265,6 +267,7 @@ def _train(
     config: ExpertConfig,
     device: torch.device,
     backend: Backend,
+    graphs: bool,
     per: int,
     plan: _Plan,
     mine: tuple[int, ...],
@@ -283,7 +286,7 @@ def _train(
     """
     if not plan.todo:
         return {}
-    trainer = ExpertTrainer(dataset, spec, config, device=device, backend=backend)
+    trainer = ExpertTrainer(dataset, spec, config, device=device, backend=backend, graphs=graphs)
     # "auto" resolves per machine (a missing C++ extension falls back to PyTorch's ops); the backend is in
     # every expert's file, so mixing them would make a buffer that no single process would.
     ranks.agree("the fused block's backend (datm-fast info says why one is off)", trainer.block_backend)

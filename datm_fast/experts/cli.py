@@ -115,6 +115,12 @@ def add_parser(subparsers: Any) -> None:
         help="backend of the fused norm/ReLU/pool block: auto (default: C++ on CPU, CUDA on a GPU), cpp, cuda, "
         "or torch (PyTorch's separate ops)",
     )
+    p.add_argument(
+        "--graphs",
+        choices=("off", "on"),
+        default="off",
+        help="capture each batch shape's training step as a CUDA graph and replay it (GPUs; the same experts)",
+    )
     p.add_argument("--no-verify", action="store_true", help="on resume, check finished files by size, not checksum")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_buffer, _buffer_parser=p)
@@ -267,6 +273,7 @@ def _build(
         device=device,
         experts_per_batch=args.experts_per_batch,
         backend=args.backend,
+        graphs=args.graphs == "on",
         progress=not args.no_progress,
         verify_existing=not args.no_verify,
         distributed=ranks,

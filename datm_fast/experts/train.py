@@ -49,6 +49,7 @@ from ..data import ImageDataset
 from ..models import ConvNetSpec, init_flat_params
 from ..ops import resolve_block_backend
 from ..precision import forward_autocast, precision_scope
+from ..step_graphs import StepGraphs
 from ..utils import resolve_device
 from ._batched import batched_logits, stack_inputs
 from .config import ExpertConfig, expert_seed, stream_seed
@@ -133,6 +134,10 @@ class ExpertTrainer:
         channels_last: NHWC activations (default: on). The C++ kernels work in NHWC; with PyTorch's ops
             the two layouts were within measurement noise on the 2-core CPU.
         test_batch_size: images per evaluation batch (memory only; results do not depend on it).
+        graphs: compute each step's update direction (both GSAM gradients and their combination) as a
+            static step (:mod:`datm_fast.step_graphs`): a CUDA graph per batch shape on a GPU, replayed
+            at every step of a group; elsewhere the same function on its buffers. Results are the same;
+            off until a GPU measurement says it wins.
 
     Example::
 
@@ -151,6 +156,7 @@ class ExpertTrainer:
         backend: Backend = "auto",
         channels_last: bool = True,
         test_batch_size: int = 500,
+        graphs: bool = False,
     ) -> None:
         if not isinstance(dataset, ImageDataset):
             raise TypeError(f"ExpertTrainer: dataset must be an ImageDataset, got {type(dataset).__name__}")
@@ -175,6 +181,7 @@ class ExpertTrainer:
         self.device = resolve_device(device)
         self.channels_last = bool(channels_last)
         self.test_batch_size = int(test_batch_size)
+        self.graphs = bool(graphs)
         check_backend(backend)
         # The fused block's backend, decided once (None: PyTorch's separate ops): the first layer's
         # activation stands for every layer (same dtype and device; H, W >= 2 wherever pooling runs).
@@ -214,6 +221,18 @@ class ExpertTrainer:
             losses = F.cross_entropy(logits.reshape(k * b, -1), y.reshape(k * b), reduction="none").view(k, b).mean(1)
             (grad,) = torch.autograd.grad(losses.sum(), p)
         return grad, logits.detach(), losses.detach()
+
+    def _direction(self, params: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The step's update direction ``(K, P)`` (the gradient, or GSAM's combination of the gradients at
+        ``params`` and at its perturbation), with the logits and mean losses at ``params``. It changes
+        nothing, so it can be a static step: the SGD update is the caller's."""
+        grad, logits, losses = self._grad(params, x, y)
+        cfg = self.config
+        if cfg.optimizer == "gsam":
+            e = gsam_perturbation(params, grad, cfg.rho, adaptive=cfg.adaptive)
+            grad_p, _, _ = self._grad(params + e, x, y)
+            grad = gsam_direction(grad, grad_p, cfg.alpha)
+        return grad, logits, losses
 
     def _augment(self, x: Tensor, rngs: Sequence[_ExpertRNG]) -> Tensor:
         """DSA of each expert's batch ``x`` ``(K, b, C, H, W)`` with that expert's generator."""
@@ -298,6 +317,7 @@ class ExpertTrainer:
         trajectory = [params.cpu()]
         n = self._train_y.shape[0]
         stats: dict[str, list[Tensor]] = {"train_loss": [], "train_acc": [], "test_loss": [], "test_acc": []}
+        graphs = StepGraphs() if self.graphs else None  # this group's: its static steps read only their buffers
         for epoch in range(cfg.epochs):
             epoch_start = time.perf_counter()
             order = torch.stack([torch.randperm(n, generator=r.order) for r in rngs]).to(dev)  # (K, N)
@@ -308,11 +328,12 @@ class ExpertTrainer:
                 y = self._train_y[idx]
                 x = self._augment(self._train_x[idx], rngs)
                 x = stack_inputs(x, self.channels_last)
-                grad, logits, losses = self._grad(params, x, y)
-                if cfg.optimizer == "gsam":
-                    e = gsam_perturbation(params, grad, cfg.rho, adaptive=cfg.adaptive)
-                    grad_p, _, _ = self._grad(params + e, x, y)
-                    grad = gsam_direction(grad, grad_p, cfg.alpha)
+                if graphs is None:
+                    grad, logits, losses = self._direction(params, x, y)
+                else:
+                    inputs = {"params": params, "x": x, "y": y}
+                    step = graphs.step(("direction", tuple(x.shape)), None, lambda: self._direction, inputs)
+                    grad, logits, losses = step(**inputs)  # a graph's own outputs: used before the next call
                 params = sgd_step(
                     params,
                     grad,

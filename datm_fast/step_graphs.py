@@ -12,6 +12,13 @@ the other precondition.
 
 :class:`StepGraphs` keeps the static steps of one run, by key (step kind, micro-batch shape, DSA op
 groups), so that each is captured once per run and replayed at every step and iteration after.
+
+Three stages use them, each behind its own ``graphs`` switch: distillation's written-out inner steps
+(:class:`~datm_fast.distill.EngineOptions`), a group of experts' GSAM/SGD gradient
+(:class:`~datm_fast.experts.ExpertTrainer`), and a group of evaluation runs' training gradient
+(:class:`~datm_fast.evaluate.EvalConfig`). A step function returns what it computes and changes no
+state, so the warm-up calls before a capture leave the training where it was; the caller applies the
+update (a few foreach kernels) from the step's outputs.
 """
 
 from __future__ import annotations
@@ -84,9 +91,10 @@ class StaticStep:
 class StepGraphs:
     """The static steps of one run, built on first use and reused by key.
 
-    The step functions close over the synthetic set (images and labels), whose storage the outer
-    optimiser updates in place; ``owner`` names that storage, and a new owner (another set, a
-    resized one) drops every step built for the old one. ``capture``: capture CUDA graphs for steps
+    The step functions close over state whose storage stays put while its values change: the synthetic
+    set (updated in place by the outer optimiser), or the parameters of a group of evaluation runs;
+    ``owner`` names that storage, and a new owner (another set, a resized one, the next group) drops
+    every step built for the old one. ``capture``: capture CUDA graphs for steps
     on a CUDA device (False: run every step eagerly on its buffers, on any device).
     """
 
