@@ -117,6 +117,21 @@ class Distributed:
         """The rank that :meth:`mine` gives item ``index`` to."""
         return index % self.world_size
 
+    def device(self, asked: torch.device) -> torch.device:
+        """This rank's device, given the one asked for: with more than one rank a CUDA rank runs on
+        ``cuda:LOCAL_RANK`` (one GPU per rank, as torchrun means it), so ``cuda`` becomes that and any
+        other index is refused (two ranks on one GPU would each have half of it and fight over it; choose
+        the GPUs with ``CUDA_VISIBLE_DEVICES``). Other devices, and a single process, run as asked.
+        The one rule for ``buffer``, ``distill`` and ``eval``."""
+        if asked.type != "cuda" or not self.active:
+            return asked
+        if asked.index not in (None, self.local_rank):
+            raise ValueError(
+                f"device {asked}: under torchrun each rank runs on cuda:LOCAL_RANK ({self} on cuda:{self.local_rank}); "
+                "ask for 'cuda' and choose the GPUs with CUDA_VISIBLE_DEVICES"
+            )
+        return torch.device("cuda", self.local_rank)
+
     # ----- collectives ------------------------------------------------------------------------------
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 from torchrun import LEAVE, rank_rows, torchrun
 
 from datm_fast.distributed import SINGLE, Distributed, RanksDisagree, from_environment, launched_by_torchrun
@@ -65,3 +66,19 @@ def test_without_torchrun_a_run_is_one_rank_and_collectives_are_the_identity(mon
     with pytest.raises(ValueError, match="rank 2 of world_size 2 is not a rank"):
         Distributed(rank=2, world_size=2)
     assert issubclass(RanksDisagree, RuntimeError)
+
+
+def test_one_device_rule_for_every_command():
+    """buffer, distill and eval place a rank alike (Distributed.device): with several ranks a CUDA rank
+    runs on cuda:LOCAL_RANK, 'cuda' becomes it, another index is refused by name; one rank runs as asked.
+    No CUDA is touched: torch.device objects only."""
+    rank1 = Distributed(rank=1, world_size=2, local_rank=1)
+    assert rank1.device(torch.device("cuda")) == torch.device("cuda", 1)
+    assert rank1.device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert rank1.device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(
+        ValueError, match=r"device cuda:0: under torchrun each rank runs on cuda:LOCAL_RANK \(rank 1 of 2"
+    ):
+        rank1.device(torch.device("cuda", 0))
+    assert SINGLE.device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # one process: as asked
+    assert SINGLE.device(torch.device("cuda")) == torch.device("cuda")

@@ -664,9 +664,7 @@ def distill(
 
     def check() -> tuple[torch.device, ConvNetSpec, int, list[str]]:
         # No collective in here: a rank that raises skips what follows its error.
-        device = resolve_device(config.run.device)
-        if distributed.active and device.type == "cuda":
-            device = torch.device("cuda", distributed.local_rank)  # one GPU per rank
+        device = distributed.device(resolve_device(config.run.device))  # one GPU per rank
         spec = convnet_spec_from_name(m.model, data.channels, data.num_classes, data.image_size)
         validate_against(
             config,

@@ -144,16 +144,12 @@ def run_eval(args: argparse.Namespace) -> int:
     Under torchrun each rank trains its share of every model's runs (one device per rank:
     ``cuda:LOCAL_RANK``); rank 0 prints the table and writes the results, the same as one process's.
     """
-    import torch
-
-    from ..distributed import from_environment, launched_by_torchrun
+    from ..distributed import from_environment
     from ..utils import resolve_device
 
     device = resolve_device(args.device)
     with from_environment(device.type, timeout_s=args.dist_timeout) as distributed:
-        if launched_by_torchrun() and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", distributed.local_rank)
-        return _run_eval(args, device, distributed)
+        return _run_eval(args, distributed.device(device), distributed)
 
 
 def _run_eval(args: argparse.Namespace, device: torch.device, distributed: Distributed) -> int:

@@ -161,28 +161,9 @@ def _cmd_buffer(args: argparse.Namespace) -> int:
         raise ValueError(f"--experts must be >= 1, got {args.experts}")
     if args.experts_per_batch is not None and args.experts_per_batch < 1:
         raise ValueError(f"--experts-per-batch must be >= 1, got {args.experts_per_batch}")
-    device = _rank_device(resolve_device(args.device), args.device)
+    device = resolve_device(args.device)
     with from_environment("cuda" if device.type == "cuda" else "cpu", timeout_s=args.dist_timeout) as ranks:
-        return _train_buffer(args, ranks, device)
-
-
-def _rank_device(device: Any, asked: str) -> Any:
-    """Under torchrun a CUDA rank trains on ``cuda:LOCAL_RANK`` (one GPU per rank, as torchrun means it)."""
-    import os
-
-    import torch
-
-    from ..distributed import launched_by_torchrun
-
-    if device.type != "cuda" or not launched_by_torchrun():
-        return device
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device.index not in (None, local):
-        raise ValueError(
-            f"--device {asked}: under torchrun each rank trains on cuda:LOCAL_RANK (this one on cuda:{local}); "
-            "pass --device cuda, and choose the GPUs with CUDA_VISIBLE_DEVICES"
-        )
-    return torch.device("cuda", local)
+        return _train_buffer(args, ranks, ranks.device(device))
 
 
 def _train_buffer(args: argparse.Namespace, ranks: Any, device: Any) -> int:
