@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import datm_fast.data.cache as data_cache
 import datm_fast.data.loading as loading
 from datm_fast.data import (
     DatasetError,
@@ -884,6 +885,28 @@ def test_a_copy_elsewhere_has_the_same_fingerprint_and_identity(tmp_path):
     moved = a.replace(train_images=a.train_images.flip(0))
     assert moved.fingerprint is None and moved.legacy_fingerprint is None
     assert moved.identity().startswith("tensors:") and moved.identity() != a.replace(fingerprint=None).identity()
+
+
+def test_a_cache_hit_reads_the_stored_content_fingerprint(tmp_path, monkeypatch):
+    """The content fingerprint is computed once, when the source is decoded, and stored in the cache
+    entry: a hit reads it (no hashing), and an entry written before it was stored has it computed."""
+    make_pixels_npz(tmp_path / "p.npz", n_train=40, shape=(4, 4, 3), classes=("a", "b"))
+    first = load_dataset(tmp_path / "p.npz", cache_dir=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache" / "datasets").glob("*.npz")
+    with np.load(entry) as z:
+        assert str(z["content"]) == first.fingerprint
+
+    def no_hashing(raw):
+        raise AssertionError("a cache hit hashed the arrays again")
+
+    monkeypatch.setattr(loading, "content_fingerprint", no_hashing)
+    monkeypatch.setattr(data_cache, "content_fingerprint", no_hashing)
+    assert load_dataset(tmp_path / "p.npz", cache_dir=tmp_path / "cache").fingerprint == first.fingerprint
+    monkeypatch.undo()
+    with np.load(entry) as z:  # an entry from before 2026-12-05: no stored fingerprint
+        old = {k: z[k] for k in z.files if k != "content"}
+    np.savez(entry, **old)
+    assert load_dataset(tmp_path / "p.npz", cache_dir=tmp_path / "cache").fingerprint == first.fingerprint
 
 
 def test_replace_tensors_drops_fingerprint_so_fits_are_not_cached(tmp_path):

@@ -184,17 +184,20 @@ def load_dataset(
         return BUNDLED[name_or_path.lower()]()  # ships inside a package: nothing to resolve or cache
     source = resolve_source(name_or_path, root, download=download)
     fingerprint = source_fingerprint(source)  # the cache key: a stat per file, no decoding
-    raw: RawDataset | None = None
+    cached: tuple[RawDataset, str] | None = None
     cache_path: Path | None = None
     if cache:
         cache_root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         _check_cache_outside(cache_root, source)
         cache_path = dataset_cache_path(cache_root, source, fingerprint)
-        raw = read_cached(cache_path)
-    if raw is None:
+        cached = read_cached(cache_path)
+    if cached is not None:
+        raw, content = cached
+    else:
         raw = read_source(source)
+        content = content_fingerprint(raw)
         if cache_path is not None:
-            write_cached(cache_path, raw)
+            write_cached(cache_path, raw, content)
     has_val = raw.val_x is not None
     return ImageDataset(
         name=source.name,
@@ -205,7 +208,7 @@ def load_dataset(
         classes=raw.classes,
         val_images=from_uint8(raw.val_x) if has_val else None,
         val_labels=_labels_tensor(raw.val_y) if has_val else None,
-        fingerprint=content_fingerprint(raw),
+        fingerprint=content,
         source_fingerprint=fingerprint,
     )
 
