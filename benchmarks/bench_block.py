@@ -4,11 +4,12 @@ Run:  pytest benchmarks/bench_block.py --benchmark-only [--benchmark-json out.js
 
 Providers: ``aten`` is PyTorch's ops through autograd (group_norm, relu, avg_pool2d: what the
 student ran before the fused op), ``torch`` the closed-form formulas in PyTorch (the fused op's
-fallback), ``cpp`` / ``cuda`` the compiled kernels. Three modes, as the exact unroll engine uses the
-block: ``forward``; ``backward`` (forward + gradient, as in the roll-out); ``double_backward``
-(forward + create_graph gradient + the gradient of a dot product with it, as in a Hessian-vector
-product). Shapes: the three blocks of the CIFAR ConvNet (width 128) at batch 10 (IPC 1) and 25 (the
-IPC 10 micro-batch).
+fallback), ``cpp`` / ``cuda`` the compiled kernels, ``triton`` the Triton kernels (on a GPU only: in
+the interpreter they are for tests; ``auto`` does not pick them until they beat ``cuda`` here). Three
+modes, as the exact unroll engine uses the block: ``forward``; ``backward`` (forward + gradient, as in
+the roll-out); ``double_backward`` (forward + create_graph gradient + the gradient of a dot product
+with it, as in a Hessian-vector product). Shapes: the three blocks of the CIFAR ConvNet (width 128) at
+batch 10 (IPC 1) and 25 (the IPC 10 micro-batch).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _providers() -> list[tuple[str, str]]:
         cases += [("aten", "cuda"), ("torch", "cuda")]
         if INFO["cuda"].live:
             cases.append(("cuda", "cuda"))
+        if INFO["triton"].live:
+            cases.append(("triton", "cuda"))
     return cases
 
 
@@ -65,7 +68,7 @@ def test_norm_relu_pool(benchmark, provider, device, shape, mode):
             torch.autograd.grad((dz * u).sum() + dg.sum() + db.sum(), (grad_out, z, gamma))
         sync()
 
-    run()
+    run()  # warm-up: compiles, and on the triton backend autotunes, outside the timed rounds
     benchmark.pedantic(run, rounds=10, iterations=3, warmup_rounds=1)
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
     benchmark.extra_info.update(

@@ -3,6 +3,7 @@ the autograd of PyTorch's composite, in float64 for exactness and float32 for th
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cuda_only
 
 import datm_fast
+import datm_fast.ops.block as block_module
 from datm_fast.models import ConvNetSpec, convnet_apply, init_flat_params, unflatten_params
 from datm_fast.ops import block_kernels, norm_relu_pool, norm_relu_pool_why_not, resolve_block_backend
 from datm_fast.reference.block import (
@@ -27,6 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_BACKENDS = ["torch"] + (["cpp"] if datm_fast.backend_info()["cpp"].live else [])
 # Odd sizes: avg_pool2d floors, so the last row / column lies outside every window.
 SHAPES = [(3, 4, 8, 8), (2, 3, 7, 5), (1, 2, 2, 2), (2, 5, 33, 32), (4, 16, 4, 4)]
+# Triton: CUDA tensors on a GPU, else CPU tensors in the interpreter (conftest sets TRITON_INTERPRET=1),
+# where a program costs a few milliseconds: few planes per shape, the plane sizes the ConvNet has and
+# odd ones (up to the 64 x 64 limit).
+TRITON_LIVE = datm_fast.backend_info()["triton"].live
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_SHAPES = [(2, 2, 2, 2), (2, 3, 5, 7), (2, 2, 7, 5), (2, 2, 8, 8), (1, 2, 16, 16), (1, 2, 32, 32), (1, 2, 33, 31)]
+needs_triton = pytest.mark.skipif(not TRITON_LIVE, reason="triton is not live (not installed, or no GPU / interpreter)")
 
 
 def _inputs(shape, dtype, device="cpu", seed=0, channels_last=False):
@@ -195,8 +205,173 @@ def test_block_rejects_bad_inputs():
         norm_relu_pool(z[0], gamma, beta)
     with pytest.raises(ValueError, match="dtype"):
         norm_relu_pool(z, gamma.double(), beta)
-    with pytest.raises(ValueError, match="no Triton kernel"):
-        norm_relu_pool(z, gamma, beta, backend="triton")
+
+
+# ----- Triton ------------------------------------------------------------------------------------------
+def _plane_adjoints(z, seed=7):
+    """A pooled-gradient adjoint, an adjoint of dz and per-plane adjoints (differing from sample to
+    sample) of the backward's two sums, for the kernels called one by one; z's dtype and device."""
+    g = torch.Generator().manual_seed(seed)
+    B, C, H, W = z.shape
+    gp = torch.randn(B, C, H // 2, W // 2, generator=g, dtype=torch.float64).to(z)
+    u = torch.randn(z.shape, generator=g, dtype=torch.float64).to(z)
+    ug, ub = torch.randn(2, B, C, generator=g, dtype=torch.float64).to(z)
+    return gp, u, ug, ub
+
+
+def _both_signs(gamma):
+    """gamma with negative and positive entries, so that the ReLU mask keeps the low and the high values."""
+    signs = torch.ones_like(gamma)
+    signs[::2] = -1
+    return gamma.abs() * signs
+
+
+def _kernel_outputs(kernels, z, gamma, beta, gp, u, ug, ub):
+    """The three kernels' outputs, the backward ones on the forward's own statistics."""
+    forward = kernels.forward(z, gamma, beta, 1e-5)
+    mean, rstd = forward[1:]
+    backward = kernels.backward(gp, z, gamma, beta, mean, rstd)
+    double_backward = kernels.double_backward(u, ug, ub, gp, z, gamma, beta, mean, rstd)
+    return [*forward, *backward, *double_backward]
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=str)
+def test_triton_kernels_equal_the_closed_forms_in_float64(shape):
+    """Forward, backward and double backward against the references to 1e-12: the same formulas."""
+    z, gamma, beta = (t.detach().to(TRITON_DEVICE) for t in _inputs(shape, torch.float64, seed=shape[2]))
+    gamma = _both_signs(gamma)
+    triton_kernels, ref = block_kernels("triton", z), block_kernels("torch", z)
+    assert triton_kernels.backend == "triton"
+    adjoints = _plane_adjoints(z)
+    names = ["out", "mean", "rstd", "dz", "sum_gn", "sum_gn_xhat", "d_gp", "d_z", "d_gamma"]
+    ours = _kernel_outputs(triton_kernels, z, gamma, beta, *adjoints)
+    # The reference's backward kernels get the Triton forward's statistics, as the engines pass them.
+    want = ref.forward(z, gamma, beta, 1e-5)
+    mean, rstd = ours[1:3]
+    gp, u, ug, ub = adjoints
+    want += ref.backward(gp, z, gamma, beta, mean, rstd) + ref.double_backward(
+        u, ug, ub, gp, z, gamma, beta, mean, rstd
+    )
+    for name, a, b in zip(names, ours, want):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float64, name
+        assert _max_rel(a, b) < 1e-12, (name, _max_rel(a, b))
+
+
+@needs_triton
+@pytest.mark.skipif(TRITON_DEVICE != "cpu" or "cpp" not in CPU_BACKENDS, reason="compares CPU tensors with C++")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 32, 32)], ids=str)
+def test_triton_kernels_close_to_the_cpp_kernels_in_float32(shape, layout):
+    """float32 in float32 (sums in another order): within 1e-5 of the C++ kernels; outputs of the
+    operators' shapes and dtype, NCHW (the C++ ones keep a channels_last input's layout)."""
+    inputs = _inputs(shape, torch.float32, seed=5, channels_last=layout == "channels_last")
+    z, gamma, beta = (t.detach() for t in inputs)
+    gamma = _both_signs(gamma)
+    adjoints = _plane_adjoints(z)
+    ours = _kernel_outputs(block_kernels("triton", z), z, gamma, beta, *adjoints)
+    want = _kernel_outputs(block_kernels("cpp", z), z, gamma, beta, *adjoints)
+    for a, b in zip(ours, want):
+        assert a.shape == b.shape and a.dtype == b.dtype == torch.float32
+        assert a.is_contiguous()
+        assert _max_rel(a, b) < 1e-5, _max_rel(a, b)
+
+
+@needs_triton
+def test_triton_block_matches_autograd_of_pytorch_ops_in_float64():
+    """norm_relu_pool(backend='triton'): output, gradients and second-order adjoints through its autograd."""
+    z, gamma, beta = (t.detach().to(TRITON_DEVICE).requires_grad_() for t in _inputs((2, 3, 7, 5), torch.float64))
+    ours = _three_orders(lambda *a: norm_relu_pool(*a, backend="triton"), z, gamma, beta)
+    ref = _three_orders(norm_relu_pool_reference, z, gamma, beta)
+    for name, a, b in zip(["out", "dz", "dgamma", "dbeta", "d2 grad_out", "d2 z", "d2 gamma"], ours, ref):
+        assert _max_rel(a, b) < 1e-12, (name, _max_rel(a, b))
+
+
+@needs_triton
+def test_triton_block_gradcheck_and_gradgradcheck():
+    """First and second derivatives against finite differences (an odd H: a row outside every window);
+    a third one is refused, as on the compiled backends."""
+    z, gamma, beta = (t.detach().to(TRITON_DEVICE) for t in _inputs((1, 2, 5, 4), torch.float64))
+    z, gamma, beta = z.requires_grad_(), _both_signs(gamma).requires_grad_(), beta.requires_grad_()
+    fn = lambda *a: norm_relu_pool(*a, backend="triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (z, gamma, beta))
+    assert torch.autograd.gradgradcheck(fn, (z, gamma, beta))
+    (dz,) = torch.autograd.grad(fn(z, gamma, beta).sum(), z, create_graph=True)
+    (d2z,) = torch.autograd.grad(dz.square().sum(), z, create_graph=True)
+    with pytest.raises(NotImplementedError, match="third one is not implemented"):
+        torch.autograd.grad(d2z.sum(), z)
+
+
+@needs_triton
+def test_triton_dispatch_and_its_limits():
+    z = torch.randn(2, 3, 4, 4, device=TRITON_DEVICE)
+    assert resolve_block_backend("triton", z) == "triton"
+    assert block_kernels("triton", z).backend == "triton"
+    big = torch.randn(1, 1, 65, 64, device=TRITON_DEVICE)
+    assert resolve_block_backend("auto", big) != "triton"
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this input: .*at most 4096 elements"):
+        resolve_block_backend("triton", big)
+    with pytest.raises(ValueError, match="backend 'triton' cannot run this input: .*float16"):
+        resolve_block_backend("triton", z.half())
+    from datm_fast.kernels import block as triton_block
+
+    # ops/block.py states the kernels' limit without importing triton: the two must agree.
+    assert triton_block.MAX_PLANE_ELEMENTS == block_module._TRITON_MAX_PLANE_ELEMENTS
+    # The kernels check their inputs themselves, as the C++ launchers do (a wrong shape would read
+    # out of bounds).
+    gamma, beta = torch.ones(3, device=TRITON_DEVICE), torch.zeros(3, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="at most 4096 elements"):
+        triton_block.block_forward(big, gamma[:1], beta[:1], 1e-5)
+    gp, mean = torch.randn(2, 3, 2, 2, device=TRITON_DEVICE), torch.zeros(2, 3, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="rstd must have shape"):
+        triton_block.block_backward(gp, z, gamma, beta, mean, mean[:1])
+
+
+# Ahead-of-time compilation for a Hopper GPU (no GPU needed): the interpreter runs the kernels' Python,
+# this checks that Triton's compiler takes them (types, constexpr branches) down to machine code.
+_COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from datm_fast.kernels import block
+
+for kernel in (block._block_forward_kernel, block._block_backward_kernel, block._block_double_backward_kernel):
+    fn = kernel.fn  # the JITFunction under the autotuner
+    for dtype in ("fp32", "fp64"):
+        constants = {"BLOCK": 64, "BLOCK_OUT": 16, **({"EPS": 1e-5} if "EPS" in fn.arg_names else {})}
+        signature = {
+            name: "constexpr" if name in constants else "*" + dtype if name.endswith("_ptr") else "i32"
+            for name in fn.arg_names
+        }
+        compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm, list(compiled.asm)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_compile_for_a_gpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # not the user's cache
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
+    if result.returncode != 0 and "ImportError" in result.stderr:
+        pytest.skip(f"this triton has another ahead-of-time API: {result.stderr.splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_auto_never_picks_triton(monkeypatch):
+    """auto takes the compiled kernels or PyTorch's ops: on a GPU without the CUDA kernels, where
+    resolve_backend offers Triton, the block still runs on PyTorch until Triton is measured there."""
+    monkeypatch.setattr(block_module, "resolve_backend", lambda backend, device: "triton")
+    assert resolve_block_backend("auto", torch.randn(2, 3, 4, 4)) == "torch"
+
+
+def test_the_block_without_triton_does_not_import_it():
+    code = (
+        "import sys, torch; from datm_fast.ops import norm_relu_pool; "
+        "norm_relu_pool(torch.randn(2, 3, 4, 4), torch.ones(3), torch.zeros(3)); "
+        "assert 'triton' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("depth,image", [(3, 32), (2, 28)])
@@ -228,6 +403,23 @@ def test_cuda_block_matches_reference(dtype, tol):
         ref = _three_orders(norm_relu_pool_reference, z64, g64, b64)
         for a, b in zip(ours, ref):
             assert _max_rel(a.cpu().double(), b) < tol, shape
+
+
+@pytest.mark.cuda
+@cuda_only
+@needs_triton
+@pytest.mark.skipif(not datm_fast.backend_info()["cuda"].live, reason="no live CUDA backend (needs a GPU)")
+@pytest.mark.parametrize("shape", SHAPES + [(10, 128, 32, 32), (4, 8, 64, 64)], ids=str)
+def test_triton_kernels_close_to_the_cuda_kernels_in_float32(shape):
+    """On a GPU: the Triton kernels (autotuned there) against the CUDA ones, float32, every output."""
+    z, gamma, beta = (t.detach().cuda() for t in _inputs(shape, torch.float32, seed=11))
+    gamma = _both_signs(gamma)
+    adjoints = _plane_adjoints(z)
+    ours = _kernel_outputs(block_kernels("triton", z), z, gamma, beta, *adjoints)
+    want = _kernel_outputs(block_kernels("cuda", z), z, gamma, beta, *adjoints)
+    for a, b in zip(ours, want):
+        assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype == torch.float32
+        assert _max_rel(a, b) < 1e-5, (shape, _max_rel(a, b))
 
 
 # The torch headers that cuda_binding.cpp needs pull in CUDA libraries' headers (cuSPARSE, cuBLAS,

@@ -11,18 +11,23 @@ One unit, and the only way into it: the arithmetic is ``csrc/block.h``, shared b
 
 whose fake kernels and autograd formulas are registered here (each operator's derivative is the next
 one, so ``create_graph=True`` and Hessian-vector products run on the fused kernels); the closed-form
-references are :mod:`datm_fast.reference.block`. ``sum_gn`` and ``sum_gn_xhat`` are per (sample,
+references are :mod:`datm_fast.reference.block`. The Triton kernels (``kernels/block.py``, imported
+only when the ``triton`` backend is asked for) compute the same three functions with the same
+signatures; they are not torch operators, so the same autograd formulas wrap them here as
+``torch.autograd.Function`` s. ``sum_gn`` and ``sum_gn_xhat`` are per (sample,
 channel) plane, ``(B, C)``: their batch sums are ``dbeta`` and ``dgamma``.
 
-* :func:`norm_relu_pool_why_not` says why the compiled kernels cannot take an input (the one check);
-* :func:`block_kernels` is the one dispatcher: the three kernels of the chosen backend, compiled or
-  the closed-form references, for code that calls them one by one (the exact engine's written-out
-  steps);
+* :func:`norm_relu_pool_why_not` says why the compiled kernels cannot take an input (the one check;
+  the Triton kernels add a limit on the plane size);
+* :func:`block_kernels` is the one dispatcher: the three kernels of the chosen backend, compiled,
+  Triton or the closed-form references, for code that calls them one by one (the exact engine's
+  written-out steps);
 * :func:`norm_relu_pool` is the differentiable op (any order) that networks call.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import torch
@@ -49,17 +54,33 @@ def norm_relu_pool_why_not(z: Tensor) -> str | None:
     return None
 
 
-def resolve_block_backend(backend: Backend, z: Tensor) -> str:
-    """The backend that runs the block on ``z``: ``"cpp"``, ``"cuda"`` or ``"torch"``.
+# The Triton kernels hold a plane in one vector of registers: kernels/block.py's MAX_PLANE_ELEMENTS
+# (not imported from there: that imports triton).
+_TRITON_MAX_PLANE_ELEMENTS = 4096
 
-    ``"auto"`` takes the compiled kernels of ``z``'s device when they are live and can take ``z``,
-    else PyTorch. An explicit compiled backend that cannot take ``z`` is an error that says why; there
-    is no Triton kernel for this op.
-    """
-    if backend == "triton":
-        raise ValueError("norm_relu_pool: no Triton kernel for this op; use 'auto', 'torch', 'cpp' or 'cuda'")
-    chosen = resolve_backend(backend, z.device)
+
+def _triton_why_not(z: Tensor) -> str | None:
+    """Why the Triton kernels cannot take ``z``: the compiled kernels' limits, and the plane size."""
     why = norm_relu_pool_why_not(z)
+    if why is None and z.shape[2] * z.shape[3] > _TRITON_MAX_PLANE_ELEMENTS:
+        return (
+            f"the Triton kernels take planes of at most {_TRITON_MAX_PLANE_ELEMENTS} elements (64 x 64), "
+            f"got {z.shape[2]} x {z.shape[3]}"
+        )
+    return why
+
+
+def resolve_block_backend(backend: Backend, z: Tensor) -> str:
+    """The backend that runs the block on ``z``: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"``.
+
+    ``"auto"`` takes the compiled kernels of ``z``'s device (C++ or CUDA) when they are live and can
+    take ``z``, else PyTorch; it never takes Triton: on a GPU the CUDA kernels come first and the
+    Triton ones have not yet been measured against them. An explicit backend that cannot take ``z``
+    (``"triton"`` is live on CPU only in the interpreter, ``TRITON_INTERPRET=1``) is an error that
+    says why.
+    """
+    chosen = resolve_backend(backend, z.device)
+    why = _triton_why_not(z) if chosen == "triton" else norm_relu_pool_why_not(z)
     if backend == "auto":
         return chosen if chosen in ("cpp", "cuda") and why is None else "torch"
     if chosen != "torch" and why is not None:
@@ -70,7 +91,7 @@ def resolve_block_backend(backend: Backend, z: Tensor) -> str:
 class BlockKernels(NamedTuple):
     """The block's three kernels on one backend (signatures as the operators in the module docstring)."""
 
-    backend: str  # "cpp", "cuda" or "torch" (the closed-form references)
+    backend: str  # "cpp", "cuda", "triton" or "torch" (the closed-form references)
     forward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     double_backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
@@ -89,6 +110,10 @@ def block_kernels(backend: Backend, z: Tensor) -> BlockKernels:
     chosen = resolve_block_backend(backend, z)
     if chosen == "torch":
         return _REFERENCE_KERNELS
+    if chosen == "triton":
+        from ..kernels import block  # triton is imported only when asked for
+
+        return BlockKernels("triton", block.block_forward, block.block_backward, block.block_double_backward)
     ops = torch.ops.datm_fast
     return BlockKernels(chosen, ops.block_forward, ops.block_backward, ops.block_double_backward)
 
@@ -97,18 +122,19 @@ def norm_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5, *,
     """The ConvNet block after its convolution, fused: instance norm (affine) -> ReLU -> 2x2 average pool.
 
     Args:
-        z: (B, C, H, W) convolution output, float32 or float64 for the compiled backends, any memory
-            format (the C++ kernels keep channels_last; the CUDA ones are NCHW).
+        z: (B, C, H, W) convolution output, float32 or float64 for the compiled and Triton backends,
+            any memory format (the C++ kernels keep channels_last; the CUDA and Triton ones are NCHW);
+            for Triton, planes of at most 64 x 64 elements.
         gamma, beta: (C,) the norm's affine weight and bias.
         eps: added to the variance, as ``nn.GroupNorm(C, C, eps=eps)``.
-        backend: ``"auto"`` (C++ on CPU, CUDA on GPU where built, else PyTorch), ``"torch"``, ``"cpp"``
-            or ``"cuda"`` (see :func:`resolve_block_backend`).
+        backend: ``"auto"`` (C++ on CPU, CUDA on GPU where built, else PyTorch; never Triton),
+            ``"torch"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (see :func:`resolve_block_backend`).
 
     Under autocast, a bfloat16 or float16 ``z`` is normalised in float32 and the output is float32.
 
     Returns (B, C, H // 2, W // 2), differentiable any number of times in z, gamma and beta (the second
     derivative is the fused double-backward kernel, as the unroll engines need; a third one is not
-    implemented by the compiled kernels).
+    implemented by the compiled and Triton kernels).
 
     Equivalent PyTorch code::
 
@@ -128,9 +154,103 @@ def norm_relu_pool(z: Tensor, gamma: Tensor, beta: Tensor, eps: float = 1e-5, *,
             raise ValueError(f"norm_relu_pool: {name} must have shape ({channels},), got {tuple(t.shape)}")
         if t.dtype != z.dtype or t.device != z.device:
             raise ValueError(f"norm_relu_pool: {name} must have z's dtype and device ({z.dtype}, {z.device})")
-    if resolve_block_backend(backend, z) == "torch":
+    kernels = block_kernels(backend, z)
+    if kernels.backend == "torch":
         return norm_relu_pool_reference(z, gamma, beta, eps)
+    if kernels.backend == "triton":
+        return _BlockForward.apply(kernels, z, gamma, beta, float(eps))[0]
     return torch.ops.datm_fast.block_forward(z, gamma, beta, float(eps))[0]
+
+
+# ----- autograd: the derivative of each kernel is the next one ---------------------------------------
+# One set of formulas for the compiled operators (registered on them below) and for kernels that are
+# not torch operators (the Triton ones, through the autograd.Functions here).
+def _grads_of_forward(
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    grad_out: Tensor,
+    z: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """block_forward's derivative, ``(dz, dgamma, dbeta)``: the backward kernel's per-plane sums summed
+    over the batch."""
+    dz, sum_gn, sum_gn_xhat = backward(grad_out, z, gamma, beta, mean, rstd)
+    return dz, sum_gn_xhat.sum(0), sum_gn.sum(0)
+
+
+def _grads_of_backward(
+    double_backward: Callable[..., tuple[Tensor, Tensor, Tensor]],
+    u: Tensor,
+    u_sum_gn: Tensor,
+    u_sum_gn_xhat: Tensor,
+    gp: Tensor,
+    z: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    rstd: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """block_backward's derivative, ``(d gp, d z, d gamma)``, given the adjoints of its three outputs.
+    mean and rstd must be block_forward's statistics of z: the double-backward formulas carry their
+    dependence on z, so none flows to them; beta reaches the gradient only through the ReLU mask, whose
+    derivative is zero."""
+    d_gp, d_z, d_gamma = double_backward(u, u_sum_gn_xhat, u_sum_gn, gp, z, gamma, beta, mean, rstd)
+    return d_gp, d_z, d_gamma.sum(0)
+
+
+_NO_THIRD_ORDER = (
+    "norm_relu_pool: the fused kernels give the first and second derivatives; a third one is not "
+    "implemented (use backend='torch')"
+)
+
+
+class _BlockForward(torch.autograd.Function):
+    """block_forward of kernels that are not torch operators; its derivative is :class:`_BlockBackward`."""
+
+    @staticmethod
+    def forward(ctx, kernels: BlockKernels, z: Tensor, gamma: Tensor, beta: Tensor, eps: float):
+        out, mean, rstd = kernels.forward(z, gamma, beta, eps)
+        ctx.kernels = kernels
+        ctx.save_for_backward(z, gamma, beta, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)  # outputs for the backward's sake
+        return out, mean, rstd
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_mean: Tensor, _grad_rstd: Tensor):
+        backward = functools.partial(_BlockBackward.apply, ctx.kernels)
+        return None, *_grads_of_forward(backward, grad_out, *ctx.saved_tensors), None
+
+
+class _BlockBackward(torch.autograd.Function):
+    """block_backward of kernels that are not torch operators; its derivative is the double backward."""
+
+    @staticmethod
+    def forward(
+        ctx, kernels: BlockKernels, gp: Tensor, z: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, rstd: Tensor
+    ):
+        ctx.kernels = kernels
+        ctx.save_for_backward(gp, z, gamma, beta, mean, rstd)
+        return kernels.backward(gp, z, gamma, beta, mean, rstd)
+
+    @staticmethod
+    def backward(ctx, u: Tensor, u_sum_gn: Tensor, u_sum_gn_xhat: Tensor):
+        double_backward = functools.partial(_BlockDoubleBackward.apply, ctx.kernels)
+        grads = _grads_of_backward(double_backward, u, u_sum_gn, u_sum_gn_xhat, *ctx.saved_tensors)
+        return None, *grads, None, None, None
+
+
+class _BlockDoubleBackward(torch.autograd.Function):
+    """block_double_backward of kernels that are not torch operators: its derivative is not implemented."""
+
+    @staticmethod
+    def forward(ctx, kernels: BlockKernels, *tensors: Tensor):
+        return kernels.double_backward(*tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        raise NotImplementedError(_NO_THIRD_ORDER)
 
 
 # ----- fake kernels and autograd of the compiled operators ------------------------------------------
@@ -167,24 +287,17 @@ def _register_compiled_parts() -> None:
         ctx.mark_non_differentiable(mean, rstd)
 
     def forward_backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        z, gamma, beta, mean, rstd = ctx.saved_tensors
-        dz, sum_gn, sum_gn_xhat = torch.ops.datm_fast.block_backward(grad_out, z, gamma, beta, mean, rstd)
-        return dz, sum_gn_xhat.sum(0), sum_gn.sum(0), None
+        return *_grads_of_forward(torch.ops.datm_fast.block_backward, grad_out, *ctx.saved_tensors), None
 
     torch.library.register_autograd("datm_fast::block_forward", forward_backward, setup_context=forward_setup)
 
-    # block_backward: its derivative is the double backward. mean and rstd must be block_forward's
-    # statistics of z: the double-backward formulas carry their dependence on z, so none flows to them.
+    # block_backward: its derivative is the double backward.
     def backward_setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
 
     def backward_backward(ctx, u, u_sum_gn, u_sum_gn_xhat):
-        gp, z, gamma, beta, mean, rstd = ctx.saved_tensors
-        d_gp, d_z, d_gamma = torch.ops.datm_fast.block_double_backward(
-            u, u_sum_gn_xhat, u_sum_gn, gp, z, gamma, beta, mean, rstd
-        )
-        # beta reaches the gradient only through the ReLU mask, whose derivative is zero.
-        return d_gp, d_z, d_gamma.sum(0), None, None, None
+        double_backward = torch.ops.datm_fast.block_double_backward
+        return *_grads_of_backward(double_backward, u, u_sum_gn, u_sum_gn_xhat, *ctx.saved_tensors), None, None, None
 
     torch.library.register_autograd("datm_fast::block_backward", backward_backward, setup_context=backward_setup)
 
@@ -192,10 +305,7 @@ def _register_compiled_parts() -> None:
         pass
 
     def double_backward_backward(ctx, *grads):
-        raise NotImplementedError(
-            "norm_relu_pool: the compiled kernels give the first and second derivatives; a third one is not "
-            "implemented (use backend='torch')"
-        )
+        raise NotImplementedError(_NO_THIRD_ORDER)
 
     torch.library.register_autograd(
         "datm_fast::block_double_backward", double_backward_backward, setup_context=double_backward_setup
