@@ -129,7 +129,8 @@ class ExpertTrainer:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ... or ``None``/``"auto"`` (CUDA when available).
         backend: the backend of the default ConvNet's fused block (instance norm -> ReLU -> avg pool,
             :func:`datm_fast.ops.norm_relu_pool`): ``"auto"`` (default: the C++ kernels on CPU, the CUDA
-            ones on a GPU, where built), ``"cpp"``, ``"cuda"``, or ``"torch"`` (PyTorch's separate ops).
+            ones on a GPU, where built), ``"cpp"``, ``"cuda"``, ``"triton"`` (its kernels are NCHW), or
+            ``"torch"`` (PyTorch's separate ops).
             All agree to float rounding; other ConvNet variants always use PyTorch's ops.
         channels_last: NHWC activations (default: on). The C++ kernels work in NHWC; with PyTorch's ops
             the two layouts were within measurement noise on the 2-core CPU.
@@ -202,7 +203,7 @@ class ExpertTrainer:
 
     @property
     def block_backend(self) -> str:
-        """The backend of the ConvNet blocks: ``"cpp"``, ``"cuda"`` or ``"torch"`` (PyTorch's ops)."""
+        """The backend of the ConvNet blocks: ``"cpp"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (PyTorch's ops)."""
         return self._block_backend or "torch"
 
     @property

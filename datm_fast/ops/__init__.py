@@ -4,7 +4,7 @@
 ``distance``                  :func:`param_distance`, :func:`matching_loss`: the trajectory-matching
                               distance (C++, CUDA, Triton)
 ``block``                     :func:`norm_relu_pool`: the ConvNet block after its convolution (C++,
-                              CUDA), its one dispatcher :func:`block_kernels` and check
+                              CUDA, Triton), its one dispatcher :func:`block_kernels` and check
                               :func:`norm_relu_pool_why_not`
 ``conv``                      :func:`conv2d`: a convolution whose derivatives of every order are the
                               convolution library's kernels; :func:`conv2d_backward`
