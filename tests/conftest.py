@@ -16,6 +16,14 @@ if os.environ.get("TRITON_INTERPRET") is None:
 import pytest
 import torch
 
+# Under pytest-xdist (README's test command runs two workers on the CI's two cores) every worker computes
+# on one thread, and so does every process it starts (torchrun ranks, CLI runs): two workers of two
+# threads each on two cores made ops wait for their sibling thread to be scheduled (2026-12-05: slower
+# than one process); one thread each took the suite from 6:52 in one process to 4:45.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DATM_FAST_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
@@ -46,8 +54,14 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="session")
 def session_cache_dir(tmp_path_factory) -> Path:
-    """A cache shared by the whole session: real data is decoded once per test run."""
-    return tmp_path_factory.mktemp("datm_fast_cache")
+    """A cache shared by the whole session: real data is decoded once per test run. Under xdist, one for
+    all the workers of the run (cache files are written atomically, so two that decode at once agree)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    cache = root / "datm_fast_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 def pytest_configure(config):
