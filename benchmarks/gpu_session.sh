@@ -27,19 +27,23 @@
 #                            torch.compile included (60)
 #   7  reproduce   300  220  datm-fast reproduce --preset gpu-check (226)   --preset tiny --ipcs 1 (8-15)
 #   8  wheel       150   60  pip wheel (8.0;9.0) -> fresh venv -> info (65) pure-Python wheel, same (8)
+#   9  kernels      60   20  bench_block.py, the cuda device: aten,    cpp forward, 3 shapes (5)
+#                            torch, cuda, triton x 3 modes x 3 shapes
 #
-# The expected path adds up to about 610 s, over the deadline: the wheel, last in priority, is what a
-# run drops (rerun it alone on the still-warm machine: STAGES=wheel). The dry run (45-60 s in all) skips
+# The expected path adds up to about 610 s, over the deadline: the wheel and the kernels, last in priority,
+# are what a run drops (rerun them on the still-warm machine: STAGES=wheel,kernels). The dry run (45-60 s in all) skips
 # the nvcc build and builds its wheel without the extension (DATM_FAST_SKIP_EXT=1): compiling the C++
 # operators takes minutes on 2 cores, and what the dry run checks is the plumbing (wheel -> venv -> `datm-fast info`).
 #
-# Files in $OUT (8): summary.md (printed last), session.json (stages, versions, the wheel), log.txt (every
-# stage's output, the last 1000 lines each), tests.xml (junit), bench-unroll.json, experts.json,
-# evaluate.json, reproduce.json (datm-fast reproduce's results.json, its table included).
+# Files in $OUT (8): summary.md (printed last), session.json (stages, versions, the wheel, the block
+# kernels' rows), log.txt (every stage's output, the last 1000 lines each), tests.xml (junit),
+# bench-unroll.json, experts.json, evaluate.json, reproduce.json (datm-fast reproduce's results.json, its
+# table included).
 #
 # Environment: OUT (default ./gpu-out), PYTHON (python3), DEADLINE (530), STAGES (all, or a comma list of
-# device,build,tests,engines,experts,evaluate,reproduce,wheel), ENGINES, PROFILE, BENCH_CONFIGS, DATA_ROOT (a folder
-# holding CIFAR-10; default ./data, then ../shared/data), EXPECTED_TORCH (2.11.0+cu130: the device image's).
+# device,build,tests,engines,experts,evaluate,reproduce,wheel,kernels), ENGINES, PROFILE, BENCH_CONFIGS,
+# DATA_ROOT (a folder holding CIFAR-10; default ./data, then ../shared/data), EXPECTED_TORCH (2.11.0+cu130:
+# the device image's).
 # Needs python3 with torch (CUDA), pytest, nvcc and ninja on the GPU machine (its image has them; see
 # ../.library/device/KINDS.md); GNU coreutils' timeout, which stops a stage's whole process group.
 set -uo pipefail
@@ -92,6 +96,7 @@ echo "gpu_session: $MODE; deadline ${DEADLINE} s; stages ${STAGES}; results in $
 
 # ----- the stage runner --------------------------------------------------------------------------------------------
 STAGE_N=0
+N_STAGES=9
 STAGE_END=0
 
 tmo() {  # run a command within the current stage's time; GNU timeout signals the command's whole process group
@@ -112,13 +117,13 @@ run_stage() {  # KEY TITLE CAP MIN: stage_KEY under min(CAP, time left), or a li
     why="too little time left: $((left > 0 ? left : 0)) s of the ${DEADLINE} s deadline, it needs ${min} s"
   fi
   if [[ -n $why ]]; then
-    echo "== [$STAGE_N/8] $title: skipped ($why)"
+    echo "== [$STAGE_N/$N_STAGES] $title: skipped ($why)"
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$STAGE_N" "$key" "$title" skipped 0 "$why" >> "$WORK/stages.tsv"
     return
   fi
   local budget=$((cap < left ? cap : left))
   STAGE_END=$((SECONDS + budget))
-  echo "== [$STAGE_N/8] $title: at most ${budget} s (${left} s left) $(date -u +%H:%M:%S) UTC"
+  echo "== [$STAGE_N/$N_STAGES] $title: at most ${budget} s (${left} s left) $(date -u +%H:%M:%S) UTC"
   local started=$SECONDS rc status
   "stage_$key" > "$WORK/$key.out" 2>&1
   rc=$?
@@ -136,7 +141,7 @@ run_stage() {  # KEY TITLE CAP MIN: stage_KEY under min(CAP, time left), or a li
   fi
   {
     echo
-    echo "===== [$STAGE_N/8] $title: $status in ${took} s${NOTE:+ ($NOTE)}"
+    echo "===== [$STAGE_N/$N_STAGES] $title: $status in ${took} s${NOTE:+ ($NOTE)}"
     tr '\r' '\n' < "$WORK/$key.out" | tail -n 1000
   } >> "$OUT/log.txt"
   tr '\r' '\n' < "$WORK/$key.out" | grep -v '^[[:space:]]*$' | tail -n 6 | cut -c1-200 | sed 's/^/   /'
@@ -223,7 +228,37 @@ def junit_counts(path):
     return n
 
 
-def stage_results(versions, wheel):
+def block_kernels(path):
+    """bench_block.py's pytest-benchmark JSON as rows (provider, device, shape, mode, median and min in us),
+    and one compact line per (shape, mode) with every provider's median, for the results line."""
+    data = read_json(path)
+    if not data:
+        return None
+    rows = []
+    for b in data.get("benchmarks", []):
+        p = b.get("params", {})
+        rows.append(
+            {
+                "provider": p.get("provider"),
+                "device": p.get("device"),
+                "shape": str(p.get("shape")),
+                "mode": p.get("mode"),
+                "median_us": round(1e6 * b["stats"]["median"], 1),
+                "min_us": round(1e6 * b["stats"]["min"], 1),
+            }
+        )
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["shape"], r["mode"]), {})[r["provider"]] = r["median_us"]
+    lines = [
+        f"{shape} {mode} " + "/".join(f"{by.get(p, '-'):g}" if p in by else "-" for p in providers)
+        for (shape, mode), by in cases.items()
+    ]
+    return {"providers": providers, "rows": rows, "lines": lines}
+
+
+def stage_results(versions, wheel, kernels=None):
     """One line of results per stage, from the files the stages wrote."""
     res = {}
     if versions:
@@ -266,6 +301,8 @@ def stage_results(versions, wheel):
         ]
         done = "partial: the IPCs finished before the stop" if repro.get("partial") else f"{repro['seconds']:.0f} s"
         res["reproduce"] = "; ".join(parts) + f"; {done}"
+    if kernels:
+        res["kernels"] = "median us (" + "/".join(kernels["providers"]) + "): " + "; ".join(kernels["lines"])
     if wheel:
         cuda = wheel.get("backends", {}).get("cuda", {})
         live = "cuda live" if cuda.get("live") else f"cuda off ({cuda.get('detail', '?')})"
@@ -284,7 +321,8 @@ def summary(deadline, dry):
         stages.append({"n": int(n), "key": key, "title": title, "status": status, "seconds": int(took), "note": note})
     versions = read_json(WORK / "versions.json") or {}
     wheel = read_json(WORK / "wheel.json")
-    results = stage_results(versions, wheel)
+    kernels = block_kernels(WORK / "kernels.json")
+    results = stage_results(versions, wheel, kernels)
     total = sum(s["seconds"] for s in stages)
     bad = [s for s in stages if s["status"] not in ("ok", "skipped")]
     mode = "dry run on the CPU" if dry == "1" else "GPU run"
@@ -324,7 +362,7 @@ def summary(deadline, dry):
     text = "\n".join(lines) + "\n"
     (OUT / "summary.md").write_text(text)
     session = {"mode": mode, "deadline_s": int(deadline), "stages": stages, "results": results}
-    session.update(versions=versions, wheel=wheel)
+    session.update(versions=versions, wheel=wheel, kernels=kernels["rows"] if kernels else None)
     (OUT / "session.json").write_text(json.dumps(session, indent=2) + "\n")
 
 
@@ -566,6 +604,17 @@ PY
   ) || return $?
 }
 
+stage_kernels() {
+  # The fused block per backend (aten: PyTorch's ops through autograd; torch: the closed forms; cuda; triton),
+  # forward, backward and double backward, at the CIFAR ConvNet's shapes: what says whether the Triton
+  # variant earns a place in `auto`. Last in priority: on a first run it follows the wheel, which the deadline
+  # drops; rerun both on the warm machine with STAGES=wheel,kernels.
+  local select="cuda"
+  if ((DRY)); then select="cpu and cpp and forward"; fi
+  tmo "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_block.py --benchmark-only -k "$select" \
+    --benchmark-columns=min,median --benchmark-json "$WORK/kernels.json"
+}
+
 # ----- the session ---------------------------------------------------------------------------------------------------
 run_stage device "device and versions" 30 5
 "$PY" -c 'import torch; print(torch.__version__)' > "$WORK/torch_version" 2> /dev/null
@@ -580,6 +629,7 @@ else
   run_stage reproduce "reproduce --preset gpu-check" 300 220
 fi
 run_stage wheel "wheel (8.0;9.0) in a fresh venv" 150 60
+run_stage kernels "block kernels (bench_block.py)" 60 20
 
 helper summary "$DEADLINE" "$DRY" || echo "gpu_session: the summary could not be written"
 echo "== done in $((SECONDS - T0)) s; the summary (also $OUT/summary.md):"

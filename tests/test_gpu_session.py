@@ -21,7 +21,7 @@ from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_session.sh"
-STAGES = ("device", "build", "tests", "engines", "experts", "evaluate", "reproduce", "wheel")
+STAGES = ("device", "build", "tests", "engines", "experts", "evaluate", "reproduce", "wheel", "kernels")
 FILES = {"summary.md", "session.json", "log.txt", "tests.xml"}
 FILES |= {"bench-unroll.json", "experts.json", "evaluate.json", "reproduce.json"}
 MAX_FILES = 8  # what the device tool brings back from $OUT
@@ -49,7 +49,7 @@ def _checks_common(done: subprocess.CompletedProcess, out: Path) -> dict:
     session = json.loads((out / "session.json").read_text())
     assert [s["key"] for s in session["stages"]] == list(STAGES)  # every stage reported, in priority order
     for n, stage in enumerate(session["stages"], 1):
-        assert f"== [{n}/8] {stage['title']}" in done.stdout
+        assert f"== [{n}/{len(STAGES)}] {stage['title']}" in done.stdout
         assert f"| {n} | {stage['title']} | {stage['status']} |" in summary
     return {s["key"]: s for s in session["stages"]} | {"_session": session}
 
@@ -108,9 +108,14 @@ def test_dry_run_runs_every_stage_into_at_most_8_files(tmp_path, session_cache_d
     # The wheel was installed in a fresh venv and imported from there, beside the torch it was built with.
     assert wheel["from_venv"] and wheel["torch_matches_build"] and wheel["wheel"].endswith(".whl")
     assert wheel["backends"]["torch"]["live"]
+    # The block kernels' rows (pytest-benchmark's JSON, digested into session.json: no ninth file).
+    kernels = stages["_session"]["kernels"]
+    assert {(r["provider"], r["device"], r["mode"]) for r in kernels} == {("cpp", "cpu", "forward")}
+    assert len(kernels) == 3 and all(r["median_us"] > 0 for r in kernels)
+    assert stages["_session"]["results"]["kernels"].startswith("median us (cpp): ")
     log = (out / "log.txt").read_text()
-    for n in range(1, 9):
-        assert f"===== [{n}/8]" in log
+    for n in range(1, len(STAGES) + 1):
+        assert f"===== [{n}/{len(STAGES)}]" in log
 
 
 def test_the_deadline_skips_stages_and_says_why(tmp_path):
