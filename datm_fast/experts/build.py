@@ -14,7 +14,7 @@ import torch
 from .._version import __version__
 from ..backends import Backend
 from ..data import DataSpec, ImageDataset
-from ..distributed import SINGLE, Distributed, OtherRankFailed
+from ..distributed import SINGLE, Distributed, OtherRankFailed, on_every_rank
 from ..models import ConvNetSpec
 from ..utils import locked_file, resolve_device
 from .buffer import (
@@ -156,14 +156,14 @@ def build_buffer(
     try:
         writer, plan = _open(distributed, root, header, num_experts, verify_existing, versions)
         if distributed.active:
-            problem = None
-            if not distributed.is_main:
-                try:
-                    _check_probe(root, plan.probe)
-                    held = _ranks_lock(root, shared=True)
-                except (ExpertBufferError, OSError) as exc:
-                    problem = str(exc)
-            _all_fine(distributed, problem)
+
+            def reach() -> IO[str] | None:  # the other ranks see rank 0's directory, and hold it while they write
+                if distributed.is_main:
+                    return None
+                _check_probe(root, plan.probe)
+                return _ranks_lock(root, shared=True)
+
+            held = on_every_rank(distributed, "reach the buffer directory", reach)
             if distributed.is_main and plan.probe is not None:
                 (root / plan.probe[0]).unlink(missing_ok=True)
         started = time.perf_counter()
@@ -172,15 +172,14 @@ def build_buffer(
             distributed, writer, root, header, dataset, spec, config, dev, backend, graphs, per, plan, mine, progress
         )
         # Every rank has written its files (the pulses ended only once no rank trains): rank 0 checks and lists
-        # them, and no rank returns before the manifest is final (_all_fine is the barrier).
-        problem = None
+        # them, and no rank returns before the manifest is final (on_every_rank's gather is the barrier).
         gathered = distributed.all_gather_object(reported)
-        if writer is not None and distributed.active:
-            try:
+
+        def record() -> None:
+            if writer is not None and distributed.active:
                 writer.record({k: e for entries in gathered[1:] for k, e in entries.items()})
-            except (ExpertBufferError, OSError) as exc:
-                problem = str(exc)
-        _all_fine(distributed, problem)
+
+        on_every_rank(distributed, "list the other ranks' experts in the manifest", record)
         seconds = time.perf_counter() - started
     finally:
         if held is not None:
@@ -208,17 +207,6 @@ class _Plan:
     skipped: tuple[int, ...]  # experts already stored
     probe: tuple[str, str] | None  # (file name, content) that every rank must read in the directory
     error: str | None = None  # why rank 0 cannot build this buffer
-
-
-def _all_fine(ranks: Distributed, problem: str | None) -> None:
-    """Every rank's ``problem`` (None: fine); if any rank has one, raise on every rank: the error itself
-    (:class:`ExpertBufferError`) on rank 0, which says it, :class:`OtherRankFailed` on the others."""
-    problems = ranks.all_gather_object(problem)
-    bad = [(rank, p) for rank, p in enumerate(problems) if p is not None]
-    if not bad:
-        return
-    message = "; ".join(p if len(problems) == 1 else f"rank {rank}: {p}" for rank, p in bad)
-    raise ExpertBufferError(message) if ranks.is_main else OtherRankFailed(message)
 
 
 def _open(
