@@ -99,10 +99,12 @@ STAGE_N=0
 N_STAGES=9
 STAGE_END=0
 
-tmo() {  # run a command within the current stage's time; GNU timeout signals the command's whole process group
+tmo() {  # tmo [-s SIGNAL] COMMAND...: within the current stage's time; GNU timeout signals its whole process group
+  local signal=TERM
+  if [[ $1 == -s ]]; then signal=$2 && shift 2; fi
   local t=$((STAGE_END - SECONDS))
   ((t < 1)) && t=1
-  timeout -k 5 "$t" "$@"
+  timeout -s "$signal" -k 5 "$t" "$@"
 }
 
 run_stage() {  # KEY TITLE CAP MIN: stage_KEY under min(CAP, time left), or a line saying why it is skipped
@@ -434,7 +436,9 @@ stage_tests() {
   # The dry run checks the plumbing (selection, junit, counts) on three files whose GPU tests skip here:
   # the whole selection's nvcc compile tests, run by the suite anyway, took 15 of its 21 s (2026-12-05).
   if ((DRY)); then where=(tests/test_precision.py tests/test_evaluate.py tests/test_experts.py); fi
-  tmo "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=5 "${parallel[@]}" -k "cuda or gpu" \
+  # Stopped at the stage's end by SIGINT, not tmo's SIGTERM: pytest takes it as a KeyboardInterrupt and still
+  # writes tests.xml and its summary for the tests that finished (checked with and without xdist, 2026-12-05).
+  tmo -s INT "$PY" -m pytest -q -p no:cacheprovider -rfEs --durations=5 "${parallel[@]}" -k "cuda or gpu" \
     --ignore=tests/test_gpu_session.py --junitxml="$OUT/tests.xml" "${where[@]}"
 }
 
