@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from datm_fast.bench import profile_line, profile_summary
 from datm_fast.evaluate import EvalConfig
 from datm_fast.evaluate._engine import TrainSet, _stack, _train_stack, _train_test_module, make_run_rngs
 from datm_fast.models import get_network
@@ -198,6 +199,13 @@ def main() -> None:
         default="functional,functional+compile",
         help="the providers of the 5 x IPC 1000 rows (ours only: upstream trains one run at a time)",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        metavar="PROVIDERS",
+        help="comma list of ours to run one more pass of under torch.profiler, at 5 runs of IPC 1000 on cuda (else "
+        "at the first --ipc): a '# profile ...' line each (kernels, device-busy share, top kernels)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here (after every row)")
     parser.add_argument("--retain-memory", action="store_true", help="datm_fast.utils.retain_freed_memory() first")
     args = parser.parse_args()
@@ -232,6 +240,12 @@ def main() -> None:
             times = _time({p: make_runner(p, 1000, device, 3, runs=5, batch=128)}, {p: 3}, 2)
             print(f"| 1000 x5 | {p} | {min(times[p]):.3f} s/epoch | {1001 * min(times[p]):.0f} s projected |")
             keep({"ipc": 1000, "runs": 5, "provider": p, "seconds_per_epoch": times[p]})
+    for p in filter(None, args.profile.split(",")):
+        on_target = device.type == "cuda" and not args.no_ipc1000
+        ipc, runs, batch = (1000, 5, 128) if on_target else (int(args.ipc.split(",")[0]), 1, 256)
+        run = make_runner(p, ipc, device, 1, runs=runs, batch=batch)
+        run()  # warm-up (and compile, and capture) outside the profile
+        print("# " + profile_line(f"{p} (IPC {ipc} x {runs} runs, one pass)", profile_summary(run, device)), flush=True)
 
 
 if __name__ == "__main__":

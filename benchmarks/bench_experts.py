@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from datm_fast.augment import DSAConfig, dsa
+from datm_fast.bench import profile_line, profile_summary
 from datm_fast.data import ImageDataset
 from datm_fast.experts import ExpertConfig, ExpertTrainer
 from datm_fast.models import ConvNet, ConvNetSpec
@@ -215,6 +216,14 @@ def main() -> None:
     ap.add_argument("--providers", nargs="*", default=list(PROVIDERS))
     ap.add_argument("--markdown", action="store_true", help="print markdown table rows")
     ap.add_argument(
+        "--profile",
+        nargs="*",
+        default=[],
+        metavar="PROVIDER",
+        help="providers to run one more epoch of under torch.profiler: a '# profile ...' line each (kernels "
+        "launched, the device-busy share of the wall time, the top kernels): what explains a miss",
+    )
+    ap.add_argument(
         "--retain-memory",
         action="store_true",
         help="glibc keeps freed memory (what `datm-fast buffer` runs with on CPU; see retain_freed_memory)",
@@ -243,6 +252,11 @@ def main() -> None:
                     f"(median {r['s_per_1000_median']:.2f}, cpu/thread {r['cpu_s_per_1000_per_thread']:.2f})  "
                     f"{r['expert_epochs_per_s']:.4f} expert-epochs/s"
                 )
+    for opt in opts:
+        for provider in args.profile:
+            run, _ = make_runner(provider, synthetic_cifar(args.images), opt, device)
+            run()  # warm-up (and compile, and capture) outside the profile
+            print("# " + profile_line(f"{provider} ({opt}, {args.images} images)", profile_summary(run, device)))
     if device.type == "cpu":
         print(f"upstream (DATM.md): gsam {UPSTREAM_CPU_S_PER_1000} s/1000 img on the 2-core CPU")
     else:

@@ -459,11 +459,13 @@ stage_engines() {
 
 stage_experts() {
   # Timed round robin and printed at the end: a cut stage prints nothing, so five providers, two repeats.
+  # Two of them also run one epoch under torch.profiler: the '# profile' lines that explain a miss.
   local args=(--device cuda --images 10000 --repeats 2 --providers upstream-style "datm_fast cuda K=8"
-    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 graphs" "datm_fast cuda K=8 bfloat16")
+    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 graphs" "datm_fast cuda K=8 bfloat16"
+    --profile "datm_fast cuda K=8" "datm_fast cuda K=8 graphs")
   if ((DRY)); then
     args=(--device cpu --images 128 --repeats 1 --providers upstream-style "datm_fast torch"
-      "datm_fast torch graphs" "datm_fast torch bfloat16")
+      "datm_fast torch graphs" "datm_fast torch bfloat16" --profile "datm_fast torch")
   fi
   args+=(--optimizer gsam --markdown)
   tmo "$PY" benchmarks/bench_experts.py "${args[@]}"
@@ -478,8 +480,11 @@ stage_experts() {
 stage_evaluate() {
   # The 5 x IPC 1000 rows (GPU only) in priority order; each is written as soon as it is measured.
   local args=(--ipc 10 --providers "upstream,functional,functional+tf32,functional+bfloat16" --repeats 3
-    --ipc1000-providers "functional+tf32,functional+graphs+tf32,functional+bfloat16,functional+compile+tf32,functional")
-  if ((DRY)); then args=(--ipc 1 --providers "upstream,functional,functional+graphs,functional+bfloat16" --repeats 1); fi
+    --ipc1000-providers "functional+tf32,functional+graphs+tf32,functional+bfloat16,functional+compile+tf32,functional"
+    --profile "functional+tf32,functional+graphs+tf32")
+  if ((DRY)); then
+    args=(--ipc 1 --providers "upstream,functional,functional+graphs,functional+bfloat16" --repeats 1 --profile functional)
+  fi
   args+=(--device "$DEVICE")
   tmo "$PY" benchmarks/bench_evaluate.py "${args[@]}"
   local rc=$?

@@ -102,6 +102,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         check_exact,
         engine_options,
         environment,
+        profile_line,
         run_bench,
         run_bench_isolated,
     )
@@ -166,7 +167,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             cells = [name, f"{shape.batch_syn} x {shape.syn_steps}", engine, ours, peak, ref_text, speed]
             print("| " + " | ".join(cells) + " |", flush=True)
             if r.profile is not None:
-                profiles.append(_profile_line(name, engine, r.profile))
+                profiles.append(profile_line(f"{engine} @ {name}", r.profile))
             if args.json is not None:  # after every row: a run stopped by a time limit keeps what it measured
                 with atomic_write(args.json, "w") as f:
                     payload = {"environment": env, "steps_scale": args.steps_scale, "results": rows, "checks": checks}
@@ -176,20 +177,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.json is not None:
         print(f"wrote {args.json}")
     return 0
-
-
-def _profile_line(config: str, engine: str, profile: dict[str, Any]) -> str:
-    """One profiled row in words: ``profile exact @ cifar10-ipc10: wall 0.480 s; 9,120 kernels, device busy
-    0.210 s (44%); top: name 12.3 ms x 640, ...`` (kernels and busy time on a GPU only)."""
-    parts = [f"profile {engine} @ {config}: wall {profile['wall_s']:.3f} s"]
-    if "kernels" in profile:
-        share = profile.get("device_busy_share")
-        parts.append(
-            f"{profile['kernels']:,} kernels, device busy {profile['device_busy_s']:.3f} s"
-            + (f" ({100 * share:.0f}%)" if share is not None else "")
-        )
-    top = ", ".join(f"{t['name']} {t['self_ms']:.1f} ms x {t['calls']}" for t in profile["top"][:6])
-    return "; ".join(parts) + f"; top: {top}"
 
 
 # ----- distill ----------------------------------------------------------------------------------------------------

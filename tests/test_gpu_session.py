@@ -97,6 +97,7 @@ def test_dry_run_runs_every_stage_into_at_most_8_files(tmp_path, session_cache_d
         "datm_fast torch bfloat16",
     ]
     assert all(r["s_per_cifar10_epoch"] > 0 for r in experts["rows"])
+    assert any(c.startswith("# profile datm_fast torch (gsam, 128 images): wall") for c in experts["comments"])
     evaluate = json.loads((out / "evaluate.json").read_text())
     assert evaluate["exit_code"] == 0 and {r["provider"] for r in evaluate["rows"]} == {
         "upstream",
@@ -104,6 +105,7 @@ def test_dry_run_runs_every_stage_into_at_most_8_files(tmp_path, session_cache_d
         "functional+graphs",
         "functional+bfloat16",
     }
+    assert any(c.startswith("# profile functional (IPC 1 x 1 runs, one pass): wall") for c in evaluate["comments"])
     wheel = stages["_session"]["wheel"]
     # The wheel was installed in a fresh venv and imported from there, beside the torch it was built with.
     assert wheel["from_venv"] and wheel["torch_matches_build"] and wheel["wheel"].endswith(".whl")
