@@ -17,12 +17,13 @@
 #   #  stage       cap  min  on the GPU (s: estimated, not yet run)         --dry-run (s: measured, 2 cores)
 #   1  device       30    5  nvidia-smi, versions (5)                       the same, nvidia-smi if any (2)
 #   2  build       180   60  pip install -e ., sm_90 (36: measured there)   skipped: the checkout's install
-#   3  tests        90   30  pytest -k "cuda or gpu" tests/ (40)            the same; they skip (16)
+#   3  tests        90   30  pytest -k "cuda or gpu" tests/ (40)            the same on three files; skips (4)
 #   4  engines     120   30  datm-fast bench, CIFAR-10 IPC 1 and 10, eight  IPC 1, 2 steps, 1 iteration, one
 #                            engines, each its own process (about 150:      process (3)
 #                            the cap cuts IPC 10's full and tesla)
 #   5  experts      45   20  bench_experts.py, GSAM, 10,000 images, float32, 128 images, one repeat (5)
-#                            tf32, graphs, bfloat16, two repeats (30)
+#                            tf32, graphs, NCHW, bfloat16, two repeats,
+#                            two profiled (35)
 #   6  evaluate     75   20  bench_evaluate.py, 3 precisions, graphs,  IPC 1, one repeat (5)
 #                            torch.compile included (60)
 #   7  reproduce   300  220  datm-fast reproduce --preset gpu-check (226)   --preset tiny --ipcs 1 (8-15)
@@ -458,10 +459,12 @@ stage_engines() {
 }
 
 stage_experts() {
-  # Timed round robin and printed at the end: a cut stage prints nothing, so five providers, two repeats.
-  # Two of them also run one epoch under torch.profiler: the '# profile' lines that explain a miss.
+  # Timed round robin and printed at the end: a cut stage prints nothing, so six providers, two repeats.
+  # Two of them also run one epoch under torch.profiler: the '# profile' lines that explain a miss. NCHW: the
+  # CUDA block kernels take NCHW, so the channels_last default (chosen on the CPU) copies every block's input
+  # and output on a GPU; this row says whether that costs.
   local args=(--device cuda --images 10000 --repeats 2 --providers upstream-style "datm_fast cuda K=8"
-    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 graphs" "datm_fast cuda K=8 bfloat16"
+    "datm_fast cuda K=8 tf32" "datm_fast cuda K=8 graphs" "datm_fast cuda K=8 NCHW" "datm_fast cuda K=8 bfloat16"
     --profile "datm_fast cuda K=8" "datm_fast cuda K=8 graphs")
   if ((DRY)); then
     args=(--device cpu --images 128 --repeats 1 --providers upstream-style "datm_fast torch"
