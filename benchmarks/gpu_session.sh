@@ -88,6 +88,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-session.XXXXXX") || exit 2
 trap 'rm -rf "$WORK"' EXIT
 # Unbuffered Python: a stage stopped by its timeout still leaves every line it printed.
 export PYTHONUNBUFFERED=1 OUT WORK
+# Run from a pytest-xdist worker (the test suite's dry run), the stages' own pytest runs would think they
+# are workers too: pytest-benchmark then disables itself and the kernels stage fails.
+unset PYTEST_XDIST_WORKER PYTEST_XDIST_WORKER_COUNT PYTEST_XDIST_TESTRUNUID
 FILES=(summary.md session.json log.txt tests.xml bench-unroll.json experts.json evaluate.json reproduce.json)
 for f in "${FILES[@]}"; do rm -f "${OUT:?}/$f"; done  # a rerun into the same folder starts clean
 : > "$WORK/stages.tsv"
