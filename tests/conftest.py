@@ -19,7 +19,8 @@ import torch
 # Under pytest-xdist (README's test command runs two workers on the CI's two cores) every worker computes
 # on one thread, and so does every process it starts (torchrun ranks, CLI runs): two workers of two
 # threads each on two cores made ops wait for their sibling thread to be scheduled (2026-12-05: slower
-# than one process); one thread each: 4:11 for the suite in a clean clone, against 6:10 in one process.
+# than one process); one thread each: 4:11 and 5:03 for the suite in two clean clones, against 6:10 in one
+# process.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
