@@ -15,10 +15,9 @@ one ``tl.sum`` and every later pass reads the values it already holds. The poole
 double backward's adjoint of the pooled gradient) are a (``BLOCK_OUT``, 4) tile: each output lane
 gathers the four elements of its window, as the CUDA kernels do, and sums them with ``tl.sum`` (in
 another order than the CUDA kernels' left-to-right sum: float32 results differ in the last bits). The
-ReLU mask is decided in one way
-everywhere (``gamma * xhat + beta > 0``, :func:`_relu_on`), so the three kernels agree on every element;
-an odd last row or column lies outside every pooling window (``avg_pool2d`` floors). float32
-accumulates in float32, float64 in float64.
+ReLU mask is decided in one way everywhere (``gamma * xhat + beta > 0``, :func:`_relu_on`), so the three
+kernels agree on every element; an odd last row or column lies outside every pooling window
+(``avg_pool2d`` floors). float32 accumulates in float32, float64 in float64.
 
 Layout: NCHW. Every wrapper makes its tensor inputs contiguous (``.contiguous()``: a channels_last
 input is copied to NCHW) and returns NCHW outputs, as the CUDA operators do; the C++ operators keep a
