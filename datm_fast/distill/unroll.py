@@ -318,7 +318,7 @@ class _Kernels:
     """Which kernels the student network runs: the fused norm/ReLU/pool op or PyTorch's, and on what."""
 
     fused: bool
-    backend: str  # of the fused block op: auto / torch / cpp / cuda
+    backend: str  # of the fused block op: auto / torch / cpp / cuda / triton
     channels_last: bool  # run the student on channels_last activations
     explicit: bool  # write the steps out where the network allows (EngineOptions.step "auto")
     precision: Precision = "float32"
@@ -335,8 +335,9 @@ class _Kernels:
 
 
 def _kernels(options: EngineOptions, device: torch.device) -> _Kernels:
-    # The distance op's backend may be "triton", which the block op lacks: it then picks its own.
-    block_backend = options.backend if options.backend in ("torch", "cpp", "cuda") else "auto"
+    # One backend for both ops: "triton" runs the Triton block kernels too (an explicit choice, as
+    # backend="triton" is everywhere; auto keeps the compiled ones).
+    block_backend = options.backend
     # On CPU, oneDNN's convolutions are faster on channels_last activations, and the C++ block kernels
     # take them as they are. Measured 2026-12-03 (2 threads, exact engine, runs interleaved): CIFAR-10
     # IPC 10 at 8 steps 6.12 s against 6.63 s in NCHW with the fused kernels (8.5 against 10.1-10.7 s
