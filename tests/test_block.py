@@ -331,8 +331,11 @@ def test_triton_dispatch_and_its_limits():
 # this checks that Triton's compiler takes them (types, constexpr branches) down to machine code.
 _COMPILE_FOR_SM90 = """
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+try:  # Triton's ahead-of-time API (3.x): a Triton without it cannot run this check at all
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    raise SystemExit(f"NO_AOT_API: {exc}")
 from datm_fast.kernels import block
 
 for kernel in (block._block_forward_kernel, block._block_backward_kernel, block._block_double_backward_kernel):
@@ -353,7 +356,8 @@ def test_triton_kernels_compile_for_a_gpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # not the user's cache
     result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True)
-    if result.returncode != 0 and "ImportError" in result.stderr:
+    # Only Triton's own API missing is a skip: an ImportError from our kernels module is a failure.
+    if result.returncode != 0 and "NO_AOT_API: " in result.stderr:
         pytest.skip(f"this triton has another ahead-of-time API: {result.stderr.splitlines()[-1]}")
     assert result.returncode == 0, result.stderr[-3000:]
 
