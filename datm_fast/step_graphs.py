@@ -91,11 +91,12 @@ class StaticStep:
 class StepGraphs:
     """The static steps of one run, built on first use and reused by key.
 
-    The step functions close over state whose storage stays put while its values change: the synthetic
-    set (updated in place by the outer optimiser), or the parameters of a group of evaluation runs;
-    ``owner`` names that storage, and a new owner (another set, a resized one, the next group) drops
-    every step built for the old one. ``capture``: capture CUDA graphs for steps
-    on a CUDA device (False: run every step eagerly on its buffers, on any device).
+    The step functions may close over state whose storage stays put while its values change: a run's
+    synthetic set, updated in place by the outer optimiser; ``owner`` names that storage, and a new
+    owner (another set, a resized one) drops every step built for the old one. Experts and evaluation
+    make one ``StepGraphs`` per group, whose steps close over that group alone, and pass no owner.
+    ``capture``: capture CUDA graphs for steps on a CUDA device (False: run every step eagerly on its
+    buffers, on any device).
     """
 
     def __init__(self, *, capture: bool = True) -> None:

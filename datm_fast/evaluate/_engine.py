@@ -307,8 +307,7 @@ def _train_stack(
     steps = config.num_passes * -(-n // bs)
     loss_fn = _group_loss_fn(st, k, config.should_compile(device.type, steps))
     loss_sum = torch.zeros(k, dtype=torch.float32, device=device)
-    graphs = StepGraphs() if config.graphs == "on" else None
-    owner = tuple(p.data_ptr() for p in params)
+    graphs = StepGraphs() if config.graphs == "on" else None  # this group's: its steps read these parameters
 
     def build() -> Callable[..., tuple[Tensor, tuple[Tensor, ...]]]:
         return lambda x, y: _losses_and_grads(loss_fn, params, x, y, config.precision, device.type)
@@ -329,7 +328,7 @@ def _train_stack(
             if graphs is None:
                 losses, grads = _losses_and_grads(loss_fn, params, xb, yb, config.precision, device.type)
             else:
-                step = graphs.step(("train", tuple(xb.shape), yb.dtype), owner, build, {"x": xb, "y": yb})
+                step = graphs.step(("train", tuple(xb.shape), yb.dtype), None, build, {"x": xb, "y": yb})
                 losses, grads = step(x=xb, y=yb)  # a graph's own outputs: used before the next call
             with torch.no_grad():
                 # torch.optim.SGD's arithmetic, op for op (dampening 0, no Nesterov), so the engines agree.
