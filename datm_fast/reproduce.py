@@ -701,8 +701,7 @@ def run_reproduce(
         content roots (2026-12-05) name the data by its legacy fingerprint."""
         if not isinstance(cached, dict):
             return False
-        names = [n for n in (data.fingerprint, data.legacy_fingerprint) if n is not None]
-        return any(cached.get("key") == cache_key(name, **extra) for name in names or [None])
+        return any(cached.get("key") == cache_key(name, **extra) for name in data.fingerprints or (None,))
 
     rows: list[ReproduceRow] = []
     for ipc in preset.ipcs:

@@ -143,6 +143,12 @@ class ImageDataset:
         _root, plus, derivations = self.fingerprint.partition("+")
         return self.source_fingerprint + plus + derivations
 
+    @property
+    def fingerprints(self) -> tuple[str, ...]:
+        """Every fingerprint that names this dataset in a record: its own, then its legacy one (buffers and
+        results written before 2026-12-05 name it so); empty when it has none."""
+        return tuple(f for f in (self.fingerprint, self.legacy_fingerprint) if f is not None)
+
     def identity(self) -> str:
         """What tells datasets apart wherever they are: the fingerprint (content and derivations, so a
         copy at another path or with other file times has the same one), else, for a dataset built in

@@ -873,9 +873,9 @@ class ExpertBuffer:
             raise ExpertBufferError(f"{where}: buffer is for {self.spec}, expected {spec}")
         if dataset is not None and self.kind == "native":
             want = dataset.fingerprint if isinstance(dataset, ImageDataset) else str(dataset)
-            known = {want, dataset.legacy_fingerprint if isinstance(dataset, ImageDataset) else None}
+            known = dataset.fingerprints if isinstance(dataset, ImageDataset) else (want,)
             got = (self.manifest or {}).get("dataset", {}).get("fingerprint")
-            if got not in known - {None}:
+            if got not in known:
                 raise ExpertBufferError(
                     f"{where}: buffer was trained on data with fingerprint {got!r}, expected {want!r} "
                     "(another dataset, preprocessing or subset)"
